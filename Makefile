@@ -1,0 +1,62 @@
+# The two commands a researcher types: `make run` and `make test`. Both set up .venv themselves.
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+CORES ?= 2
+STAMP := $(VENV)/.flatness-installed
+# pip prints a "Location ... is ignored" line per local wheel folder on these machines: noise.
+PIP_QUIET := 2> >(grep -v 'is ignored' >&2)
+
+.PHONY: help install system-deps run report test test-fast lint bench lock clean
+
+help:
+	@echo "make run    - set up .venv, run the default study on $(CORES) cores, build report/report.html"
+	@echo "make test   - set up .venv (and chromium/slurm when root), lint, run every test"
+	@echo "make bench  - side-by-side benchmarks against the reference algorithms"
+
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.lock $(PIP_QUIET)
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . $(PIP_QUIET)
+	touch $@
+
+install: $(STAMP)
+
+# Debian's chromium (report browser test) and SLURM (one-node cluster test); needs root.
+system-deps:
+	bash .ci/system_deps.sh
+
+run: $(STAMP)
+	$(BIN)/snakemake --cores $(CORES) --rerun-incomplete
+	$(BIN)/snakemake --cores $(CORES) --report report/report.html
+	@echo "report: report/report.html"
+
+report: $(STAMP)
+	$(BIN)/snakemake --cores $(CORES) --report report/report.html
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks workflow/scripts
+	$(BIN)/snakefmt --check Snakefile workflow/rules
+	$(BIN)/snakemake --lint --cores 1
+
+test: $(STAMP) system-deps lint
+	$(PY) -m pytest
+
+# Package tests only (no Snakemake runs): the quick loop while editing src/flatness.
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow and not slurm and not browser"
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.run --out benchmarks/out
+
+# Re-pin requirements.lock from what pyproject.toml resolves to today.
+lock:
+	rm -rf .venv-lock && python3 -m venv .venv-lock
+	.venv-lock/bin/pip install -q ".[workflow,dev]" pyhessian setuptools $(PIP_QUIET)
+	.venv-lock/bin/pip freeze --all --exclude-editable | grep -v '^flatness' > requirements.lock
+	rm -rf .venv-lock
+
+clean:
+	rm -rf results report .snakemake benchmarks/out

@@ -1,0 +1,48 @@
+"""Flatness and sharpness measures of a trained ``nn.Module`` (DESIGN.md contract 1).
+
+Every function takes ``(model, data)``, ``data`` an ``(X, y)`` pair or an iterable of ``(X, y)``
+batches; the loss is the mean cross-entropy over all samples unless ``loss_fn=`` is given; it
+computes in the model's dtype and on its device, in ``eval()`` mode (the caller's mode restored),
+and returns a Python ``float``. Stochastic measures take ``seed=`` and, with
+``return_stderr=True``, return ``(value, standard_error)``.
+"""
+
+from flatness.measures.curvature import (
+    adaptive_sharpness,
+    hessian_max_eigenvalue,
+    hessian_trace,
+    quotient_sharpness,
+)
+from flatness.measures.fisher_rao import fisher_rao_norm
+from flatness.measures.keskar import keskar_sharpness
+from flatness.measures.pacbayes import pacbayes_magnitude_sigma, pacbayes_sigma
+from flatness.measures.relative import (
+    relative_flatness,
+    relative_flatness_col,
+    relative_flatness_max,
+    rho_sigma,
+)
+from flatness.measures.robustness import feature_robustness
+
+#: name → function, for the workflow's config validation and the measure rule. Keys are the
+#: function names, which are also the column names of results/tables/runs.csv.
+MEASURES = {
+    f.__name__: f
+    for f in (
+        hessian_max_eigenvalue,
+        hessian_trace,
+        quotient_sharpness,
+        adaptive_sharpness,
+        relative_flatness,
+        relative_flatness_max,
+        relative_flatness_col,
+        rho_sigma,
+        fisher_rao_norm,
+        feature_robustness,
+        keskar_sharpness,
+        pacbayes_sigma,
+        pacbayes_magnitude_sigma,
+    )
+}
+
+__all__ = sorted(MEASURES) + ["MEASURES"]

@@ -1,0 +1,143 @@
+"""Function-preserving reparameterisations of ReLU networks (METHODS.md §1, §6).
+
+Every map here is linear, θ' = Λθ with Λ positive diagonal, so L'(θ') = L(Λ⁻¹θ') and
+H' = Λ⁻¹HΛ⁻¹ at every θ. They apply to feed-forward chains of ``nn.Linear``/``nn.Conv2d`` layers
+joined by positively homogeneous maps (ReLU, leaky ReLU, max-pool, flatten, dropout in eval),
+with no normalisation layer (fold BatchNorm first with :func:`fold_batchnorm`). Each function
+returns a new model and leaves its argument untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+WeightLayer = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+def weight_layers(model: nn.Module) -> list[nn.Module]:
+    """The linear and convolutional layers of ``model`` in ``modules()`` order."""
+    return [m for m in model.modules() if isinstance(m, WeightLayer)]
+
+
+def _chain_layers(model: nn.Module) -> list[nn.Module]:
+    norms = [type(m).__name__ for m in model.modules() if isinstance(m, _NORMS)]
+    if norms:
+        raise ValueError(
+            f"model has normalisation layers ({', '.join(sorted(set(norms)))}), which break the ReLU "
+            "rescaling symmetry; fold BatchNorm first (flatness.reparam.fold_batchnorm)"
+        )
+    layers = weight_layers(model)
+    if len(layers) < 2:
+        raise ValueError(f"a rescaling needs at least 2 weight layers, the model has {len(layers)}")
+    return layers
+
+
+@torch.no_grad()
+def layerwise_rescale(model: nn.Module, factors: Sequence[float]) -> nn.Module:
+    """W_l → a_l W_l, b_l → (∏_{k≤l} a_k) b_l, with ∏ a_l = 1 (one factor per weight layer).
+
+    >>> import torch
+    >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).double()
+    >>> x = torch.randn(5, 3, dtype=torch.float64)
+    >>> bool(torch.allclose(net(x), layerwise_rescale(net, [4.0, 0.25])(x)))
+    True
+    """
+    layers = _chain_layers(model)
+    if len(factors) != len(layers):
+        raise ValueError(f"need one factor per weight layer ({len(layers)}), got {len(factors)}")
+    if any(a <= 0 for a in factors):
+        raise ValueError(f"rescaling factors must be positive, got {list(factors)}")
+    prod = float(torch.tensor([float(a) for a in factors], dtype=torch.float64).prod())
+    if abs(prod - 1.0) > 1e-9:
+        raise ValueError(f"layer-wise factors must multiply to 1 to preserve the function, got {prod}")
+    return _scale_layers(model, [float(a) for a in factors])
+
+
+def random_layerwise_factors(n_layers: int, spread: float, generator: torch.Generator) -> list[float]:
+    """Random positive factors with ∏ = 1: log a_l uniform in [−log spread, log spread], centred."""
+    logs = (torch.rand(n_layers, generator=generator, dtype=torch.float64) * 2 - 1) * torch.log(
+        torch.tensor(float(spread), dtype=torch.float64)
+    )
+    logs = logs - logs.mean()
+    return [float(v) for v in torch.exp(logs)]
+
+
+def _outgoing_view(next_layer: nn.Module, n_units: int) -> torch.Tensor:
+    """The next layer's weight viewed as (out, n_units, k): column block k per unit (k > 1 when a
+    conv feeds a linear layer through a flatten)."""
+    W = next_layer.weight
+    in_dim = W.shape[1]
+    if in_dim % n_units:
+        raise ValueError(
+            f"cannot match {n_units} units to the {in_dim} inputs of {type(next_layer).__name__}"
+        )
+    return W.view(W.shape[0], n_units, in_dim // n_units, *W.shape[2:])
+
+
+@torch.no_grad()
+def neuronwise_rescale(model: nn.Module, layer: int, scales: torch.Tensor | Sequence[float]) -> nn.Module:
+    """Hidden unit j of weight layer ``layer``: incoming row W_l[j] and b_l[j] × λ_j, outgoing
+    column(s) W_{l+1}[:, j] ÷ λ_j. ``layer`` indexes :func:`weight_layers` (negative allowed, not
+    the last one).
+
+    >>> import torch
+    >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).double()
+    >>> x = torch.randn(5, 3, dtype=torch.float64)
+    >>> bool(torch.allclose(net(x), neuronwise_rescale(net, 0, [1.0, 2.0, 3.0, 0.5])(x)))
+    True
+    """
+    new = copy.deepcopy(model)
+    layers = _chain_layers(new)
+    idx = layer % len(layers)
+    if idx == len(layers) - 1:
+        raise ValueError("neuron-wise rescaling needs a hidden layer; the last layer has no successor")
+    cur, nxt = layers[idx], layers[idx + 1]
+    lam = torch.as_tensor(scales, dtype=cur.weight.dtype, device=cur.weight.device).flatten()
+    n_units = cur.weight.shape[0]
+    if lam.numel() != n_units:
+        raise ValueError(f"layer {layer} has {n_units} units, got {lam.numel()} scales")
+    if (lam <= 0).any():
+        raise ValueError("neuron-wise scales must be positive")
+    shape_in = (n_units,) + (1,) * (cur.weight.dim() - 1)
+    cur.weight.mul_(lam.view(shape_in))
+    if cur.bias is not None:
+        cur.bias.mul_(lam)
+    out = _outgoing_view(nxt, n_units)
+    out.div_(lam.view((1, n_units) + (1,) * (out.dim() - 2)))
+    return new
+
+
+@torch.no_grad()
+def dinh_alpha_rescale(model: nn.Module, alpha: float, layer: int = -2) -> nn.Module:
+    """Dinh et al. (2017) T_α: weight layer ``layer`` (W, b) ÷ α, the next layer's W × α.
+
+    The Hessian block of ``layer``'s weight grows by α², so the Euclidean λ_max grows like α²
+    while the function (and every invariant measure) stays put (METHODS.md §6).
+    """
+    if alpha <= 0:
+        raise ValueError(f"alpha must be positive, got {alpha}")
+    n = len(_chain_layers(model))
+    idx = layer % n
+    if idx == n - 1:
+        raise ValueError("the α-scale needs a successor layer; pick layer < the last one")
+    factors = [1.0] * n
+    factors[idx], factors[idx + 1] = 1.0 / alpha, float(alpha)
+    return _scale_layers(model, factors)
+
+
+@torch.no_grad()
+def _scale_layers(model: nn.Module, factors: Sequence[float]) -> nn.Module:
+    # Like layerwise_rescale, but without re-checking ∏ = 1 (α·1/α is not exactly 1 in floating point).
+    new = copy.deepcopy(model)
+    cumulative = 1.0
+    for lay, a in zip(_chain_layers(new), factors, strict=True):
+        cumulative *= a
+        lay.weight.mul_(a)
+        if lay.bias is not None:
+            lay.bias.mul_(cumulative)
+    return new
