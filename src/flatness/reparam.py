@@ -16,7 +16,12 @@ import torch
 from torch import nn
 
 WeightLayer = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
+_NORMS = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.modules.instancenorm._InstanceNorm,
+)
 
 
 def weight_layers(model: nn.Module) -> list[nn.Module]:
@@ -54,11 +59,15 @@ def layerwise_rescale(model: nn.Module, factors: Sequence[float]) -> nn.Module:
         raise ValueError(f"rescaling factors must be positive, got {list(factors)}")
     prod = float(torch.tensor([float(a) for a in factors], dtype=torch.float64).prod())
     if abs(prod - 1.0) > 1e-9:
-        raise ValueError(f"layer-wise factors must multiply to 1 to preserve the function, got {prod}")
+        raise ValueError(
+            f"layer-wise factors must multiply to 1 to preserve the function, got {prod}"
+        )
     return _scale_layers(model, [float(a) for a in factors])
 
 
-def random_layerwise_factors(n_layers: int, spread: float, generator: torch.Generator) -> list[float]:
+def random_layerwise_factors(
+    n_layers: int, spread: float, generator: torch.Generator
+) -> list[float]:
     """Random positive factors with ∏ = 1: log a_l uniform in [−log spread, log spread], centred."""
     logs = (torch.rand(n_layers, generator=generator, dtype=torch.float64) * 2 - 1) * torch.log(
         torch.tensor(float(spread), dtype=torch.float64)
@@ -80,7 +89,9 @@ def _outgoing_view(next_layer: nn.Module, n_units: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def neuronwise_rescale(model: nn.Module, layer: int, scales: torch.Tensor | Sequence[float]) -> nn.Module:
+def neuronwise_rescale(
+    model: nn.Module, layer: int, scales: torch.Tensor | Sequence[float]
+) -> nn.Module:
     """Hidden unit j of weight layer ``layer``: incoming row W_l[j] and b_l[j] × λ_j, outgoing
     column(s) W_{l+1}[:, j] ÷ λ_j. ``layer`` indexes :func:`weight_layers` (negative allowed, not
     the last one).
@@ -95,7 +106,9 @@ def neuronwise_rescale(model: nn.Module, layer: int, scales: torch.Tensor | Sequ
     layers = _chain_layers(new)
     idx = layer % len(layers)
     if idx == len(layers) - 1:
-        raise ValueError("neuron-wise rescaling needs a hidden layer; the last layer has no successor")
+        raise ValueError(
+            "neuron-wise rescaling needs a hidden layer; the last layer has no successor"
+        )
     cur, nxt = layers[idx], layers[idx + 1]
     lam = torch.as_tensor(scales, dtype=cur.weight.dtype, device=cur.weight.device).flatten()
     n_units = cur.weight.shape[0]
