@@ -134,7 +134,7 @@ def _build(cls, d: dict[str, Any] | None, prefix: str):
     unknown = sorted(set(d) - set(known))
     if unknown:
         raise ValueError(
-            f"unknown config key {prefix}{unknown[0]!r}; allowed keys: {', '.join(sorted(known))}"
+            f"unknown config key {prefix + unknown[0]!r}; allowed keys: {', '.join(sorted(known))}"
         )
     kwargs = {}
     for name in known:
