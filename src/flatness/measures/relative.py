@@ -1,18 +1,357 @@
-"""PLACEHOLDER: being written (a helper owns this module)."""
+"""Relative flatness κ^φ (Petzka et al., NeurIPS 2021) and its variants (METHODS.md §3).
+
+Model f(x) = g(W φ(x) + b), W ∈ R^{d×m} the weight of the **last** ``nn.Linear`` in
+``model.modules()`` order (bias excluded), φ_i ∈ R^m its input features, H the Hessian of the
+**mean** loss L w.r.t. W, laid out as ``torch.func.hessian`` returns it: shape (d, m, d, m),
+``H[s, t, u, v] = ∂²L / ∂W_{s,t} ∂W_{u,v}`` (METHODS.md §4.2). The measures contract H with W:
+
+- :func:`relative_flatness` κ^φ_Tr = Σ_{s,u} ⟨w_s, w_u⟩ Tr H_{s,u} (rows w_s = W[s, :]),
+- :func:`relative_flatness_max` κ_max = Σ_s ‖w_s‖² λ_max(H_{s,s}),
+- :func:`relative_flatness_col` κ_col = Σ_{t,v} ⟨w_{:t}, w_{:v}⟩ Σ_s H[s, t, s, v],
+- :func:`rho_sigma` ρ_σ = Σ_t w_{:t}ᵀ H_{(:,t),(:,t)} w_{:t}.
+
+For softmax cross-entropy (``loss_fn=None``) each has an O(N·d·m) closed form in the per-sample
+logit Hessian A_i = diag(p_i) − p_i p_iᵀ; for any other loss the exact layer Hessian is built with
+``torch.func.hessian`` (or, for κ^φ_Tr on large heads, estimated by Hutchinson). All of them need
+the model's output to be the output of its last ``nn.Linear`` (f = that layer, g = identity).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from flatness.batches import Batches, LossFn, check_finite, default_loss, eval_mode
+from flatness.lastlayer import features_and_logits, kappa_tr_ce_per_sample, last_linear
+
+#: Largest d·m for which ``method="auto"`` builds the exact (d·m)² layer Hessian (200 MB in
+#: float64 at 5000); above it κ^φ_Tr uses Hutchinson (METHODS.md §3.2).
+EXACT_MAX_PARAMS = 5000
+
+#: Default number of Hutchinson probes (fixed count, METHODS.md §11: no running-mean stop rule).
+DEFAULT_PROBES = 100
+
+_METHODS = ("auto", "closed_form", "exact", "hutchinson")
 
 
-def relative_flatness(model, data, **kwargs):
-    raise NotImplementedError("relative_flatness is being written")
+@dataclass
+class _Head:
+    """The last linear layer's data: per-batch features φ_b (n_b, m), targets y_b, the model's
+    output shape per batch, and the layer's W (d, m) and bias, all detached."""
+
+    W: Tensor
+    bias: Tensor | None
+    phis: list[Tensor]
+    ys: list[Tensor]
+    out_shapes: list[torch.Size]
+    num_samples: int
+
+    def logits(self, b: int, W: Tensor | None = None) -> Tensor:
+        """The model output of batch b with the layer weight replaced by ``W``."""
+        W = self.W if W is None else W
+        return F.linear(self.phis[b], W, self.bias).reshape(self.out_shapes[b])
+
+    def weight(self, b: int) -> float:
+        # Mean over all samples: Σ_b n_b·loss_b / N with loss_b a batch mean (flatness.batches).
+        return self.ys[b].shape[0] / self.num_samples
 
 
-def relative_flatness_col(model, data, **kwargs):
-    raise NotImplementedError("relative_flatness_col is being written")
+@torch.no_grad()
+def _collect_head(model: nn.Module, data) -> _Head:
+    """Run the model once over ``data`` and keep the last linear layer's inputs and W."""
+    layer = last_linear(model)
+    batches = Batches.for_model(data, model)
+    W = layer.weight.detach()
+    bias = None if layer.bias is None else layer.bias.detach()
+    phis, ys, shapes = [], [], []
+    for X, y in batches:
+        phi, logits = features_and_logits(model, X, layer)
+        check_finite(logits.sum(), "model output")
+        # The closed forms and the layer Hessian treat the model output as W φ + b; a model that
+        # post-processes the layer's output would make them silently wrong.
+        recomputed = F.linear(phi, W, bias)
+        if recomputed.numel() != logits.numel() or not torch.allclose(
+            recomputed.reshape(logits.shape), logits, rtol=1e-5, atol=1e-6
+        ):
+            raise ValueError(
+                "the model's output is not the output of its last nn.Linear; relative flatness "
+                "needs f(x) = W φ(x) + b with W the last nn.Linear"
+            )
+        if phi.shape[0] != X.shape[0]:
+            raise ValueError(
+                f"the last nn.Linear sees {phi.shape[0]} feature rows for {X.shape[0]} samples; "
+                "relative flatness needs one feature vector per sample"
+            )
+        phis.append(phi.detach())
+        ys.append(y)
+        shapes.append(logits.shape)
+    return _Head(W, bias, phis, ys, shapes, batches.num_samples)
 
 
-def relative_flatness_max(model, data, **kwargs):
-    raise NotImplementedError("relative_flatness_max is being written")
+def _feature_std(head: _Head) -> Tensor:
+    """Per-unit population std of φ over all samples (1 for dead units, which stay unchanged)."""
+    phi = torch.cat(head.phis)
+    std = phi.std(dim=0, correction=0)
+    return torch.where(std > 0, std, torch.ones_like(std))
 
 
-def rho_sigma(model, data, **kwargs):
-    raise NotImplementedError("rho_sigma is being written")
+def _normalized(head: _Head) -> _Head:
+    """Std-normalisation (METHODS.md §3.4): φ̃_j = φ_j / σ_j and W̃[:, j] = σ_j W[:, j].
 
+    The pair gives the same logits, so every κ computed on it is the κ of the canonical
+    (function-preserving) reparameterisation, without editing the model."""
+    std = _feature_std(head)
+    return _Head(
+        head.W * std,
+        head.bias,
+        [phi / std for phi in head.phis],
+        head.ys,
+        head.out_shapes,
+        head.num_samples,
+    )
+
+
+def _ce_probs(head: _Head, b: int) -> Tensor:
+    return torch.softmax(head.logits(b).reshape(-1, head.W.shape[0]), dim=-1)
+
+
+def _layer_hessian(head: _Head, loss_fn: LossFn) -> Tensor:
+    """Exact Hessian of the mean loss w.r.t. W, shape (d, m, d, m) (``torch.func.hessian``)."""
+    H = torch.zeros(head.W.shape + head.W.shape, dtype=head.W.dtype, device=head.W.device)
+    for b in range(len(head.phis)):
+
+        def batch_loss(W: Tensor, b: int = b) -> Tensor:
+            return loss_fn(head.logits(b, W), head.ys[b])
+
+        H += head.weight(b) * torch.func.hessian(batch_loss)(head.W)
+    check_finite(H.sum(), "layer Hessian")
+    return H
+
+
+def _quad_form(head: _Head, loss_fn: LossFn, U: Tensor) -> Tensor:
+    """⟨U, H[U]⟩ for a direction U in W-space: the second derivative of t ↦ L(W + tU) at 0.
+
+    Logits are linear in W, so it is dzᵀ ∇²_z ℓ dz with dz = φ Uᵀ (one forward-over-reverse
+    product on the logits; no Hessian is formed)."""
+    total = torch.zeros((), dtype=head.W.dtype, device=head.W.device)
+    for b in range(len(head.phis)):
+        z = head.logits(b)
+        dz = F.linear(head.phis[b], U).reshape(z.shape)
+        y = head.ys[b]
+        _, hz = torch.func.jvp(torch.func.grad(lambda z_, y=y: loss_fn(z_, y)), (z,), (dz,))
+        total = total + head.weight(b) * (hz * dz).sum()
+    return total
+
+
+def _resolve_method(method: str, loss_fn: LossFn | None, dm: int, allow_hutchinson: bool) -> str:
+    if method not in _METHODS or (method == "hutchinson" and not allow_hutchinson):
+        allowed = _METHODS if allow_hutchinson else _METHODS[:3]
+        raise ValueError(f"method must be one of {allowed}, got {method!r}")
+    if method == "closed_form" and loss_fn is not None:
+        raise ValueError(
+            "method='closed_form' is the softmax cross-entropy formula; it needs loss_fn=None"
+        )
+    if method != "auto":
+        return method
+    if loss_fn is None:
+        return "closed_form"
+    return "exact" if dm <= EXACT_MAX_PARAMS or not allow_hutchinson else "hutchinson"
+
+
+def _finish(value: Tensor, what: str) -> float:
+    check_finite(value, what)
+    return float(value)
+
+
+def relative_flatness(
+    model: nn.Module,
+    data,
+    *,
+    loss_fn: LossFn | None = None,
+    normalize_features: bool = False,
+    divide_by_m: bool = False,
+    method: str = "auto",
+    num_probes: int = DEFAULT_PROBES,
+    seed: int = 0,
+    return_stderr: bool = False,
+):
+    """Relative flatness κ^φ_Tr of the last ``nn.Linear`` (Petzka et al., NeurIPS 2021, Def. 3).
+
+    .. math::
+        κ^φ_{Tr}(W) = \\sum_{s,s'=1}^{d} ⟨w_s, w_{s'}⟩ \\operatorname{Tr} H_{s,s'},
+        \\qquad H_{s,s'}[t,t'] = \\frac{∂^2 L}{∂W_{s,t}\\,∂W_{s',t'}}
+
+    over the rows w_s of W (d×m), L the **mean** loss over all samples (a sum loss gives N×),
+    bias not included, **no 1/m** (``divide_by_m=True`` adds it, the FAM/synthetic convention).
+    Equivalently κ = E_Z⟨WZ, H[WZ]⟩ for any random m×m Z with E[Z_{kt} Z_{k't'}] = δδ.
+
+    Routes (``method``): ``"closed_form"`` for softmax cross-entropy, the default when
+    ``loss_fn is None``: κ = (1/N) Σ_i ‖φ_i‖² (Σ_c ‖w_c‖² p_ic − ‖Wᵀp_i‖²)
+    (:func:`flatness.lastlayer.kappa_tr_ce_per_sample`); ``"exact"``: ``torch.func.hessian`` of the
+    loss w.r.t. W contracted as ``einsum('su,stut->', W Wᵀ, H)``, the default for another
+    ``loss_fn`` when d·m ≤ :data:`EXACT_MAX_PARAMS`; ``"hutchinson"``: the mean of ⟨WZ, H[WZ]⟩
+    over ``num_probes`` Rademacher Z drawn from ``seed`` (the default above that size).
+
+    ``normalize_features=True``: std-normalisation (METHODS.md §3.4): each feature unit is
+    divided by its population std over ``data`` and W's column multiplied by it (dead units
+    unchanged), which makes κ invariant to neuron-wise rescaling of the feature layer.
+    ``return_stderr=True`` returns ``(κ, stderr)``; the stderr is 0 except for Hutchinson.
+
+    >>> import torch
+    >>> net = torch.nn.Linear(2, 2, bias=False).double()
+    >>> _ = torch.nn.init.eye_(net.weight)
+    >>> X = torch.tensor([[1.0, 1.0]], dtype=torch.float64); y = torch.tensor([0])
+    >>> relative_flatness(net, (X, y))  # ‖φ‖² · tr(W Wᵀ A) with p = (½, ½): 2 · ½
+    1.0
+    """
+    with eval_mode(model):
+        head = _collect_head(model, data)
+        if normalize_features:
+            head = _normalized(head)
+        d, m = head.W.shape
+        route = _resolve_method(method, loss_fn, d * m, allow_hutchinson=True)
+        stderr = torch.zeros((), dtype=head.W.dtype)
+        with torch.no_grad():
+            if route == "closed_form":
+                kappa = (
+                    sum(
+                        kappa_tr_ce_per_sample(head.phis[b], head.W, head.logits(b)).sum()
+                        for b in range(len(head.phis))
+                    )
+                    / head.num_samples
+                )
+            elif route == "exact":
+                H = _layer_hessian(head, loss_fn or default_loss)
+                kappa = torch.einsum("su,stut->", head.W @ head.W.T, H)
+            else:
+                if num_probes < 2:
+                    raise ValueError(f"num_probes must be at least 2, got {num_probes}")
+                g = torch.Generator(device=head.W.device).manual_seed(int(seed))
+                samples = []
+                for _ in range(num_probes):
+                    Z = torch.randint(0, 2, (m, m), generator=g, device=head.W.device)
+                    Z = Z.to(head.W.dtype) * 2 - 1
+                    samples.append(_quad_form(head, loss_fn or default_loss, head.W @ Z))
+                samples = torch.stack(samples)
+                kappa, stderr = samples.mean(), samples.std() / num_probes**0.5
+    scale = 1.0 / m if divide_by_m else 1.0
+    value = _finish(kappa * scale, "relative flatness")
+    return (value, float(stderr) * scale) if return_stderr else value
+
+
+def relative_flatness_max(
+    model: nn.Module,
+    data,
+    *,
+    loss_fn: LossFn | None = None,
+    normalize_features: bool = False,
+    method: str = "auto",
+) -> float:
+    """κ_max = Σ_s ‖w_s‖² λ_max(H_{s,s}): rows, diagonal blocks only (Petzka et al. 2021 code).
+
+    .. math::
+        κ_{max} = \\sum_{s=1}^{d} ‖w_s‖^2 \\, λ_{max}(H_{s,s}),
+        \\qquad H_{s,s} = \\frac1N Φ^⊤ \\operatorname{diag}(p_{·s}(1 − p_{·s})) Φ \\ \\text{(CE)}
+
+    Mean loss, no 1/m, bias not included; one m×m eigenproblem per output. Not invariant to
+    neuron-wise rescaling of the feature units; ``normalize_features=True`` applies the
+    std-normalisation of :func:`relative_flatness`. ``method`` as there, without Hutchinson.
+
+    >>> import torch
+    >>> net = torch.nn.Linear(2, 2, bias=False).double()
+    >>> _ = torch.nn.init.eye_(net.weight)
+    >>> X = torch.tensor([[1.0, 1.0]], dtype=torch.float64); y = torch.tensor([0])
+    >>> relative_flatness_max(net, (X, y))  # 2 rows · ‖w‖² = 1 · λ_max(¼ φφᵀ) = ½
+    1.0
+    """
+    with eval_mode(model), torch.no_grad():
+        head = _collect_head(model, data)
+        if normalize_features:
+            head = _normalized(head)
+        d, m = head.W.shape
+        route = _resolve_method(method, loss_fn, d * m, allow_hutchinson=False)
+        if route == "closed_form":
+            blocks = torch.zeros(d, m, m, dtype=head.W.dtype, device=head.W.device)
+            for b, phi in enumerate(head.phis):
+                p = _ce_probs(head, b)
+                blocks += torch.einsum("is,it,iv->stv", p * (1 - p), phi, phi)
+            blocks /= head.num_samples
+        else:
+            H = _layer_hessian(head, loss_fn or default_loss)
+            blocks = torch.einsum("stsv->stv", H)
+        top = torch.linalg.eigvalsh(blocks)[:, -1]  # (d,) largest eigenvalue per output
+        return _finish(((head.W * head.W).sum(dim=1) * top).sum(), "κ_max")
+
+
+def relative_flatness_col(
+    model: nn.Module, data, *, loss_fn: LossFn | None = None, method: str = "auto"
+) -> float:
+    """Column relative flatness κ_col (METHODS.md §3.3), invariant to neuron-wise rescaling.
+
+    .. math::
+        κ_{col} = \\sum_{t,t'=1}^{m} ⟨w_{:t}, w_{:t'}⟩ \\sum_{s=1}^{d} H_{(s,t),(s,t')}
+        \\;\\overset{CE}{=}\\; \\frac1N \\sum_i (1 − ‖p_i‖^2)\\, ‖W φ_i‖^2
+
+    over the columns w_{:t} = W[:, t], mean loss, no 1/m, bias not included. The CE form depends
+    on the data only through the logits, hence its invariance to any rescaling of the features.
+
+    >>> import torch
+    >>> net = torch.nn.Linear(2, 2, bias=False).double()
+    >>> _ = torch.nn.init.eye_(net.weight)
+    >>> X = torch.tensor([[1.0, 1.0]], dtype=torch.float64); y = torch.tensor([0])
+    >>> relative_flatness_col(net, (X, y))  # (1 − ½) · ‖(1, 1)‖²
+    1.0
+    """
+    with eval_mode(model), torch.no_grad():
+        head = _collect_head(model, data)
+        route = _resolve_method(method, loss_fn, head.W.numel(), allow_hutchinson=False)
+        if route == "closed_form":
+            total = torch.zeros((), dtype=head.W.dtype, device=head.W.device)
+            for b, phi in enumerate(head.phis):
+                p = _ce_probs(head, b)
+                z = phi @ head.W.T  # (n_b, d)  W φ_i, bias excluded
+                total = total + ((1 - (p * p).sum(1)) * (z * z).sum(1)).sum()
+            kappa = total / head.num_samples
+        else:
+            H = _layer_hessian(head, loss_fn or default_loss)
+            kappa = torch.einsum("tv,stsv->", head.W.T @ head.W, H)
+        return _finish(kappa, "κ_col")
+
+
+def rho_sigma(
+    model: nn.Module, data, *, loss_fn: LossFn | None = None, method: str = "auto"
+) -> float:
+    """ρ_σ, the column precursor of relative flatness (Petzka et al. 2020 code; METHODS.md §3.3).
+
+    .. math::
+        ρ_σ = \\sum_{t=1}^{m} w_{:t}^⊤ H_{tt}\\, w_{:t}, \\quad H_{tt}[s,u] = H[s,t,u,t]
+        \\;\\overset{CE}{=}\\; \\frac1N \\sum_i \\sum_t φ_{it}^2
+        \\big(\\sum_s p_{is} W_{st}^2 − (p_i^⊤ W)_t^2\\big)
+
+    Mean loss, no 1/m, bias not included; invariant to neuron-wise rescaling (φ_t² W_{st}² is).
+
+    >>> import torch
+    >>> net = torch.nn.Linear(2, 2, bias=False).double()
+    >>> _ = torch.nn.init.eye_(net.weight)
+    >>> X = torch.tensor([[1.0, 1.0]], dtype=torch.float64); y = torch.tensor([0])
+    >>> rho_sigma(net, (X, y))  # 2 columns · (½ − ¼)
+    0.5
+    """
+    with eval_mode(model), torch.no_grad():
+        head = _collect_head(model, data)
+        W = head.W
+        route = _resolve_method(method, loss_fn, W.numel(), allow_hutchinson=False)
+        if route == "closed_form":
+            total = torch.zeros((), dtype=W.dtype, device=W.device)
+            for b, phi in enumerate(head.phis):
+                p = _ce_probs(head, b)
+                col_var = p @ (W * W) - (p @ W) ** 2  # (n_b, m)  w_{:t}ᵀ A_i w_{:t}
+                total = total + (phi * phi * col_var).sum()
+            rho = total / head.num_samples
+        else:
+            H = _layer_hessian(head, loss_fn or default_loss)
+            rho = torch.einsum("st,stut,ut->", W, H, W)
+        return _finish(rho, "ρ_σ")
