@@ -154,3 +154,79 @@ def _scale_layers(model: nn.Module, factors: Sequence[float]) -> nn.Module:
         if lay.bias is not None:
             lay.bias.mul_(cumulative)
     return new
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+@torch.no_grad()
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """Fold every eval-mode BatchNorm into the Linear/Conv layer before it; BN → ``nn.Identity``.
+
+    .. math::
+        s = γ / \\sqrt{\\mathrm{var} + ε},\\quad W' = \\operatorname{diag}(s)\\,W,
+        \\quad b' = s ⊙ (b − μ) + β
+
+    so W'x + b' equals BN(Wx + b) with BN's running statistics (its ``eval()`` function; in train
+    mode BN uses batch statistics, which no fixed layer reproduces). "Before it" means the leaf
+    module just before the BN in ``model.modules()`` order, which must be a Linear/Conv layer with
+    as many outputs as the BN has features: that is how ``nn.Sequential`` nets and torchvision's
+    ResNet/VGG register them (conv, then its BN). A module in between (conv-ReLU-BN) is refused;
+    an activation applied functionally in ``forward`` cannot be seen, so pre-activation designs
+    are not supported. Layers without a bias get one. Returns a new model, in the argument's mode.
+
+    >>> import torch
+    >>> net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
+    >>> net = net.double().eval()
+    >>> net[1].running_mean.fill_(0.5); net[1].running_var.fill_(2.0)  # doctest: +ELLIPSIS
+    tensor(...)
+    >>> x = torch.randn(5, 3, dtype=torch.float64)
+    >>> folded = fold_batchnorm(net)
+    >>> type(folded[1]).__name__, bool(torch.allclose(net(x), folded(x)))
+    ('Identity', True)
+    """
+    new = copy.deepcopy(model)
+    previous: tuple[str, nn.Module] | None = None  # the last leaf module seen, in modules() order
+    folds: list[tuple[str, nn.Module, nn.Module]] = []
+    for name, m in new.named_modules():
+        if next(m.children(), None) is not None:
+            continue  # containers do not sit between a layer and its BN
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            if previous is None or not isinstance(previous[1], WeightLayer):
+                after = f"follows {previous[0]!r}" if previous else "comes first"
+                raise ValueError(
+                    f"BatchNorm {name!r} {after}, not a Linear/Conv layer; only a BN applied "
+                    "directly to a layer's output can be folded into it"
+                )
+            if not m.track_running_stats or m.running_mean is None:
+                raise ValueError(
+                    f"BatchNorm {name!r} keeps no running statistics, so its eval() output depends "
+                    "on the batch and cannot be folded into a fixed layer"
+                )
+            layer = previous[1]
+            if layer.weight.shape[0] != m.num_features:
+                raise ValueError(
+                    f"BatchNorm {name!r} has {m.num_features} features but the layer before it "
+                    f"({previous[0]!r}) has {layer.weight.shape[0]} outputs; cannot fold"
+                )
+            folds.append((name, m, layer))
+        previous = (name, m)
+    for name, bn, layer in folds:
+        W = layer.weight
+        scale = torch.rsqrt(bn.running_var.to(W.dtype) + bn.eps)
+        if bn.affine:
+            scale = scale * bn.weight.to(W.dtype)
+        bias = layer.bias if layer.bias is not None else W.new_zeros(W.shape[0])
+        new_bias = (bias - bn.running_mean.to(W.dtype)) * scale
+        if bn.affine:
+            new_bias = new_bias + bn.bias.to(W.dtype)
+        W.mul_(scale.view((-1,) + (1,) * (W.dim() - 1)))
+        if layer.bias is not None:
+            layer.bias.copy_(new_bias)
+        else:
+            layer.bias = nn.Parameter(new_bias.clone(), requires_grad=W.requires_grad)
+        _set_submodule(new, name, nn.Identity())
+    return new
