@@ -114,7 +114,11 @@ _POSITIVE = {
     "optimizer.lr",
     "optimizer.base_batch_size",
     "optimizer.step_size",
+    "data.test_fraction",
+    "data.n_train",
+    "data.n_test",
 }
+_BELOW_ONE = {"model.dropout", "data.test_fraction"}
 _NON_NEGATIVE = {
     "optimizer.momentum",
     "optimizer.weight_decay",
@@ -156,6 +160,7 @@ def _build(cls, d: dict[str, Any] | None, prefix: str):
             continue
         if isinstance(value, list):
             value = tuple(value)
+        _check_type(key, value, known[name].type)
         if key in _CHOICES and value not in _CHOICES[key]:
             raise ValueError(
                 f"{key} = {value!r} is not allowed; choose one of {list(_CHOICES[key])}"
@@ -165,5 +170,38 @@ def _build(cls, d: dict[str, Any] | None, prefix: str):
                 raise ValueError(f"{key} = {value!r} must be > 0")
             if key in _NON_NEGATIVE and not value >= 0:
                 raise ValueError(f"{key} = {value!r} must be ≥ 0")
+            if key in _BELOW_ONE and not value < 1:
+                raise ValueError(f"{key} = {value!r} must be < 1")
         kwargs[name] = value
     return cls(**kwargs)
+
+
+def _check_type(key: str, value: Any, annotation: str) -> None:
+    """Reject a value whose type does not match the field's annotation (bool is not an int here:
+    YAML's ``yes`` must not become an epoch count)."""
+    optional = annotation.endswith("| None")
+    base = annotation.removesuffix("| None").strip()
+    if value is None:
+        if optional:
+            return
+        raise ValueError(f"{key} must not be null")
+    if base == "bool":
+        ok = isinstance(value, bool)
+    elif base == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif base == "float":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif base == "str":
+        ok = isinstance(value, str)
+    elif base.startswith("tuple[int"):
+        ok = isinstance(value, tuple) and all(
+            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value
+        )
+    elif base.startswith("tuple[float"):
+        ok = isinstance(value, tuple) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+        )
+    else:  # pragma: no cover - a new field type must be added above
+        raise TypeError(f"no type check for {key}: {annotation}")
+    if not ok:
+        raise ValueError(f"{key} = {value!r} must be of type {annotation}")

@@ -1,0 +1,65 @@
+"""Every model builds and runs on its input shape; save/load round-trips without the run config."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from flatness.models import build_model, load_model, save_model
+from flatness.reparam import layerwise_rescale, weight_layers
+
+CASES = [
+    ("mlp", (1, 8, 8), {"widths": [16, 16]}),
+    ("mlp", (1, 28, 28), {"widths": [32], "batchnorm": True, "dropout": 0.2}),
+    ("lenet5", (1, 28, 28), {}),
+    ("lenet5", (3, 32, 32), {"bias": False}),
+    ("alexnet_rangamani", (3, 32, 32), {}),
+    ("keskar_c1", (3, 32, 32), {"batchnorm": True, "dropout": 0.5}),
+    ("vgg16", (3, 32, 32), {"batchnorm": True, "dropout": 0.5}),
+    ("resnet18", (3, 32, 32), {}),
+]
+
+
+@pytest.mark.parametrize("name, shape, opts", CASES, ids=[f"{c[0]}-{c[1][-1]}" for c in CASES])
+def test_builds_and_runs(name, shape, opts):
+    torch.manual_seed(0)
+    net = build_model({"name": name, "in_shape": shape, "num_classes": 10, **opts}).eval()
+    with torch.no_grad():
+        out = net(torch.randn(2, *shape))
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+    if opts.get("bias") is False:
+        assert all(m.bias is None for m in weight_layers(net))
+
+
+def test_alexnet_matches_the_reference_shapes():
+    net = build_model({"name": "alexnet_rangamani", "in_shape": (3, 32, 32), "num_classes": 10})
+    lin = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    assert [tuple(m.weight.shape) for m in lin] == [(384, 4096), (192, 384), (10, 192)]
+
+
+def test_bn_free_nets_are_rescalable():
+    torch.manual_seed(0)
+    net = build_model({"name": "lenet5", "in_shape": (1, 28, 28), "num_classes": 10}).double()
+    x = torch.randn(3, 1, 28, 28, dtype=torch.float64)
+    out = layerwise_rescale(net, [2.0, 0.5, 4.0, 0.25, 1.0])(x)
+    assert torch.allclose(out, net(x), atol=1e-10)
+
+
+def test_unknown_key_and_small_input_are_errors():
+    with pytest.raises(ValueError, match="'depth'"):
+        build_model({"name": "mlp", "depth": 3, "in_shape": (1, 8, 8), "num_classes": 10})
+    with pytest.raises(ValueError, match="too small"):
+        build_model({"name": "lenet5", "in_shape": (1, 8, 8), "num_classes": 10})
+
+
+def test_save_load_round_trip(tmp_path):
+    cfg = {"name": "mlp", "widths": (8,), "in_shape": (1, 8, 8), "num_classes": 10}
+    torch.manual_seed(1)
+    net = build_model(cfg).double()
+    save_model(net, cfg, tmp_path / "m.pt")
+    back = load_model(tmp_path / "m.pt")
+    x = torch.randn(4, 1, 8, 8, dtype=torch.float64)
+    assert back.training is False and next(back.parameters()).dtype == torch.float64
+    assert torch.equal(back(x), net.eval()(x))
+    assert not list(tmp_path.glob(".*tmp*"))
