@@ -114,8 +114,13 @@ def _normalized(head: _Head) -> _Head:
     )
 
 
-def _ce_probs(head: _Head, b: int) -> Tensor:
-    return torch.softmax(head.logits(b).reshape(-1, head.W.shape[0]), dim=-1)
+def _ce_probs(head: _Head, b: int) -> tuple[Tensor, Tensor]:
+    """Softmax p (n_b, d) and 1 − p computed as Σ_{c'≠c} p_c', which keeps its relative accuracy
+    when p is almost one-hot (1 − p_y by subtraction loses it: ≈1e-3 in float32 at loss 1e-5)."""
+    p = torch.softmax(head.logits(b).reshape(-1, head.W.shape[0]), dim=-1)
+    d = p.shape[1]
+    others = p @ (1 - torch.eye(d, dtype=p.dtype, device=p.device))
+    return p, others
 
 
 def _layer_hessian(head: _Head, loss_fn: LossFn) -> Tensor:
@@ -134,15 +139,18 @@ def _layer_hessian(head: _Head, loss_fn: LossFn) -> Tensor:
 def _quad_form(head: _Head, loss_fn: LossFn, U: Tensor) -> Tensor:
     """⟨U, H[U]⟩ for a direction U in W-space: the second derivative of t ↦ L(W + tU) at 0.
 
-    Logits are linear in W, so it is dzᵀ ∇²_z ℓ dz with dz = φ Uᵀ (one forward-over-reverse
-    product on the logits; no Hessian is formed)."""
+    Logits are linear in W, so it is dzᵀ ∇²_z ℓ dz with dz = φ Uᵀ (one double-backward product on
+    the logits; no Hessian is formed). Reverse-over-reverse, because ``torch.func.jvp`` over
+    ``grad`` fails on ``mse_loss`` ("ZeroTensors are immutable", torch 2.14)."""
     total = torch.zeros((), dtype=head.W.dtype, device=head.W.device)
     for b in range(len(head.phis)):
-        z = head.logits(b)
-        dz = F.linear(head.phis[b], U).reshape(z.shape)
-        y = head.ys[b]
-        _, hz = torch.func.jvp(torch.func.grad(lambda z_, y=y: loss_fn(z_, y)), (z,), (dz,))
-        total = total + head.weight(b) * (hz * dz).sum()
+        with torch.enable_grad():
+            z = head.logits(b).detach().requires_grad_(True)
+            dz = F.linear(head.phis[b], U).reshape(z.shape)
+            (gz,) = torch.autograd.grad(loss_fn(z, head.ys[b]), z, create_graph=True)
+            (hz,) = torch.autograd.grad((gz * dz).sum(), z, allow_unused=True)
+        if hz is not None:  # None: the loss is linear in the logits, no curvature
+            total = total + head.weight(b) * (hz * dz).sum()
     return total
 
 
@@ -276,8 +284,8 @@ def relative_flatness_max(
         if route == "closed_form":
             blocks = torch.zeros(d, m, m, dtype=head.W.dtype, device=head.W.device)
             for b, phi in enumerate(head.phis):
-                p = _ce_probs(head, b)
-                blocks += torch.einsum("is,it,iv->stv", p * (1 - p), phi, phi)
+                p, one_minus_p = _ce_probs(head, b)
+                blocks += torch.einsum("is,it,iv->stv", p * one_minus_p, phi, phi)
             blocks /= head.num_samples
         else:
             H = _layer_hessian(head, loss_fn or default_loss)
@@ -311,9 +319,10 @@ def relative_flatness_col(
         if route == "closed_form":
             total = torch.zeros((), dtype=head.W.dtype, device=head.W.device)
             for b, phi in enumerate(head.phis):
-                p = _ce_probs(head, b)
+                p, one_minus_p = _ce_probs(head, b)
                 z = phi @ head.W.T  # (n_b, d)  W φ_i, bias excluded
-                total = total + ((1 - (p * p).sum(1)) * (z * z).sum(1)).sum()
+                trace_a = (p * one_minus_p).sum(1)  # tr A_i = 1 − ‖p_i‖²
+                total = total + (trace_a * (z * z).sum(1)).sum()
             kappa = total / head.num_samples
         else:
             H = _layer_hessian(head, loss_fn or default_loss)
@@ -347,8 +356,11 @@ def rho_sigma(
         if route == "closed_form":
             total = torch.zeros((), dtype=W.dtype, device=W.device)
             for b, phi in enumerate(head.phis):
-                p = _ce_probs(head, b)
-                col_var = p @ (W * W) - (p @ W) ** 2  # (n_b, m)  w_{:t}ᵀ A_i w_{:t}
+                p, _ = _ce_probs(head, b)
+                # w_{:t}ᵀ A_i w_{:t} = Σ_c p_ic (W_ct − (Wᵀp_i)_t)², a variance: written as a sum
+                # of squares, not E[W²] − E[W]², which cancels when p_i is almost one-hot.
+                centred = W[None] - (p @ W)[:, None, :]  # (n_b, d, m)
+                col_var = torch.einsum("ic,ict->it", p, centred * centred)  # (n_b, m)
                 total = total + (phi * phi * col_var).sum()
             rho = total / head.num_samples
         else:
