@@ -65,9 +65,11 @@ def test_asam_step_equals_hand_written_two_pass():
     is_weight = [n.endswith("weight") for n, _ in model.named_parameters()]
 
     def perturb(ws, gs):
-        t = [w.abs() + eta if iw else torch.ones_like(w) for w, iw in zip(ws, is_weight)]
-        norm = torch.sqrt(sum(((ti * g) ** 2).sum() for ti, g in zip(t, gs)))
-        return [rho * ti * ti * g / norm for ti, g in zip(t, gs)]
+        t = [
+            w.abs() + eta if iw else torch.ones_like(w) for w, iw in zip(ws, is_weight, strict=True)
+        ]
+        norm = torch.sqrt(sum(((ti * g) ** 2).sum() for ti, g in zip(t, gs, strict=True)))
+        return [rho * ti * ti * g / norm for ti, g in zip(t, gs, strict=True)]
 
     ref = _reference_two_pass(model, X, y, perturb)
     got = _run_step("asam", make_mlp(), X, y, rho=rho, eta=eta)
@@ -147,7 +149,10 @@ def _flat_grad(model, fn):
     params = list(model.parameters())
     grads = torch.autograd.grad(fn(), params, allow_unused=True)
     return torch.cat(
-        [(g if g is not None else torch.zeros_like(p)).reshape(-1) for p, g in zip(params, grads)]
+        [
+            (g if g is not None else torch.zeros_like(p)).reshape(-1)
+            for p, g in zip(params, grads, strict=True)
+        ]
     )
 
 
@@ -203,7 +208,7 @@ def test_fam_with_zero_lambda_is_the_plain_step_bit_for_bit():
     for variant in ("as_released", "full"):
         fam = trained("fam", lam=0.0, variant=variant)
         assert all(torch.equal(a, b) for a, b in zip(plain, fam, strict=True))
-    assert not all(torch.equal(a, b) for a, b in zip(plain, trained("fam", lam=1.0)))
+    assert not all(torch.equal(a, b) for a, b in zip(plain, trained("fam", lam=1.0), strict=True))
 
 
 @pytest.mark.parametrize("loss", LOSSES)
