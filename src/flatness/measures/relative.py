@@ -237,11 +237,12 @@ def relative_flatness(
             else:
                 if num_probes < 2:
                     raise ValueError(f"num_probes must be at least 2, got {num_probes}")
-                g = torch.Generator(device=head.W.device).manual_seed(int(seed))
+                # Probes drawn on the CPU: the same seed gives the same probes on every device.
+                g = torch.Generator().manual_seed(int(seed))
                 samples = []
                 for _ in range(num_probes):
-                    Z = torch.randint(0, 2, (m, m), generator=g, device=head.W.device)
-                    Z = Z.to(head.W.dtype) * 2 - 1
+                    Z = torch.randint(0, 2, (m, m), generator=g)
+                    Z = Z.to(device=head.W.device, dtype=head.W.dtype) * 2 - 1
                     samples.append(_quad_form(head, loss_fn or default_loss, head.W @ Z))
                 samples = torch.stack(samples)
                 kappa, stderr = samples.mean(), samples.std() / num_probes**0.5

@@ -48,8 +48,9 @@ def feature_robustness(
     .. math::
         \\mathcal{E}_δ = \\frac{δ^2}{2m} κ^φ_{Tr}(W) + O(δ^4).
 
-    Monte Carlo: ``num_samples`` draws A_k ~ ``torch.randn(m, m, generator=Generator().manual_seed
-    (seed)) / √m`` in sequence; each contributes the antithetic pair average
+    Monte Carlo: ``num_samples`` draws, in sequence on the CPU in float64 and then cast to the
+    model's dtype and device, A_k = ``torch.randn(m, m, generator=torch.Generator().manual_seed(
+    seed), dtype=torch.float64) / √m``; each contributes the antithetic pair average
     [L(W + δWA_k) + L(W − δWA_k)]/2 − L(W), which removes the first-order term exactly (same
     expectation, far smaller variance away from a minimum; ≥ 0 for losses convex in the logits).
     ``return_stderr=True`` returns ``(value, standard error over the draws)``.
@@ -71,10 +72,13 @@ def feature_robustness(
         m = W.shape[1]
         base = _head_loss(head, loss_fn, W)
         check_finite(base, "loss")
-        g = torch.Generator(device=W.device).manual_seed(int(seed))
+        # Draws on the CPU in float64, then cast: the same seed gives the same A in every dtype
+        # and on every device (CPU and CUDA generators, float32 and float64 randn, differ).
+        g = torch.Generator().manual_seed(int(seed))
         draws = []
         for _ in range(num_samples):
-            A = torch.randn(m, m, generator=g, dtype=W.dtype, device=W.device) / math.sqrt(m)
+            A = torch.randn(m, m, generator=g, dtype=torch.float64) / math.sqrt(m)
+            A = A.to(device=W.device, dtype=W.dtype)
             dW = delta * (W @ A)  # perturbing φ by δAφ == perturbing W by δWA
             pair = _head_loss(head, loss_fn, W + dW) + _head_loss(head, loss_fn, W - dW)
             draws.append(pair / 2 - base)
