@@ -338,3 +338,18 @@ def test_bad_input_raises(which, random_mlp64, fixture_data64):
         f(random_mlp64, (X, y), loss_fn=mse_onehot, method="closed_form")
     with pytest.raises(ValueError, match="method"):
         f(random_mlp64, (X, y), method="bogus")
+
+
+# ---- T14: the FAM regulariser's value is κ_Tr/m of its batch ----
+
+
+@pytest.mark.parametrize("variant", ["as_released", "full"])
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+def test_fam_penalty_is_kappa_over_m(variant, loss, net, fixture_data64):
+    from flatness.regularizers import fam_penalty
+
+    X, y = fixture_data64
+    loss_fn = None if loss == "ce" else mse_onehot
+    R = float(fam_penalty(net, X, y, variant=variant, loss_fn=loss_fn))
+    kappa_m = relative_flatness(net, (X, y), loss_fn=loss_fn, divide_by_m=True)
+    assert rel(R, kappa_m) <= 1e-10
