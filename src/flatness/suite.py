@@ -1,0 +1,357 @@
+"""The study as data: the grid of runs, the measure suite and the reparameterised copies.
+
+The workflow (``workflow/rules/common.smk``) validates the study config against its JSON schema and
+hands it to :func:`expand_grid`, which returns one :class:`Run` per grid point with its fully
+resolved :class:`flatness.config.RunConfig` dict; :func:`measure_model` takes every configured
+measure on a model and on function-preserving reparameterised copies of it and returns long-format
+rows ``(measure, function, variant, factor, value, stderr, seconds, note)``. Nothing here reads
+files or the ``snakemake`` object, so it is tested without Snakemake.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from flatness.config import RunConfig
+
+log = logging.getLogger(__name__)
+
+#: The grid axes, in run-id order.
+AXES = ("dataset", "model", "optimizer", "regularizer", "batch_size", "lr", "seed")
+#: Grid axes that name an entry of a config section (id → that section's dict).
+SECTIONS = {
+    "dataset": "datasets",
+    "model": "models",
+    "optimizer": "optimizers",
+    "regularizer": "regularizers",
+}
+#: Columns of the long measure table, in order.
+MEASURE_COLUMNS = (
+    "run_id",
+    "measure",
+    "function",
+    "variant",
+    "factor",
+    "value",
+    "stderr",
+    "seconds",
+    "note",
+)
+ORIGINAL = "original"
+
+
+def format_lr(lr: float) -> str:
+    """Learning rate as it appears in run ids: shortest round-trip form (0.05, 0.0001, 1.6)."""
+    text = repr(float(lr))
+    return text[:-2] if text.endswith(".0") else text
+
+
+@dataclass(frozen=True)
+class Run:
+    """One grid point: the axis values (ids for the sectioned axes) and the resolved run config."""
+
+    run_id: str
+    axes: dict[str, Any]
+    config: dict[str, Any]
+
+
+def make_run_id(axes: Mapping[str, Any]) -> str:
+    """``mnist5k-mlp-sgd-sam-bs32-lr0.05-s0``."""
+    return (
+        f"{axes['dataset']}-{axes['model']}-{axes['optimizer']}-{axes['regularizer']}"
+        f"-bs{axes['batch_size']}-lr{format_lr(axes['lr'])}-s{axes['seed']}"
+    )
+
+
+def expand_grid(config: Mapping[str, Any]) -> list[Run]:
+    """Every combination of ``config['grid']`` as a :class:`Run` (validated by RunConfig).
+
+    ``config`` is the schema-validated study config (defaults filled in). A grid id missing from
+    its section, or a value RunConfig rejects, raises ``ValueError`` naming the config key.
+    """
+    grid = config["grid"]
+    for axis, section in SECTIONS.items():
+        for key in grid[axis]:
+            if key not in config.get(section, {}):
+                raise ValueError(
+                    f"grid.{axis} names {key!r}, which is not a key of {section!r} "
+                    f"(known: {sorted(config.get(section, {}))})"
+                )
+    runs = []
+    for values in itertools.product(*(grid[a] for a in AXES)):
+        axes = dict(zip(AXES, values, strict=True))
+        optimizer = dict(config["optimizers"][axes["optimizer"]], lr=float(axes["lr"]))
+        raw = dict(
+            config.get("training", {}),
+            data=dict(config["datasets"][axes["dataset"]]),
+            model=dict(config["models"][axes["model"]]),
+            optimizer=optimizer,
+            regularizer=dict(config["regularizers"][axes["regularizer"]]),
+            batch_size=int(axes["batch_size"]),
+            seed=int(axes["seed"]),
+        )
+        resolved = RunConfig.from_dict(raw).to_dict()
+        runs.append(Run(make_run_id(axes), axes, resolved))
+    ids = [r.run_id for r in runs]
+    if len(set(ids)) != len(ids):
+        raise ValueError("two grid points give the same run id; make the grid ids distinct")
+    return runs
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A small- and a large-batch run equal on every other axis (Keskar's 1-D interpolation)."""
+
+    pair_id: str
+    small: str
+    large: str
+
+
+def batch_pairs(runs: Sequence[Run]) -> list[Pair]:
+    """For each group of runs equal on every axis but batch size: (smallest, largest) batch."""
+    groups: dict[tuple, list[Run]] = {}
+    for r in runs:
+        key = tuple(r.axes[a] for a in AXES if a != "batch_size")
+        groups.setdefault(key, []).append(r)
+    pairs = []
+    for members in groups.values():
+        if len({r.axes["batch_size"] for r in members}) < 2:
+            continue
+        small = min(members, key=lambda r: r.axes["batch_size"])
+        large = max(members, key=lambda r: r.axes["batch_size"])
+        a = small.axes
+        pair_id = (
+            f"{a['dataset']}-{a['model']}-{a['optimizer']}-{a['regularizer']}-lr{format_lr(a['lr'])}"
+            f"-s{a['seed']}-bs{a['batch_size']}vs{large.axes['batch_size']}"
+        )
+        pairs.append(Pair(pair_id, small.run_id, large.run_id))
+    return pairs
+
+
+# --------------------------------------------------------------------------------------------
+# The measure suite
+
+
+@dataclass(frozen=True)
+class MeasureSpec:
+    """One measure column: ``label`` (the column name), the function's name and its options."""
+
+    label: str
+    function: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def measure_specs(
+    entries: Sequence[Mapping[str, Any]], registry: Mapping[str, Callable] | None = None
+) -> list[MeasureSpec]:
+    """Config entries ``{function, label, options}`` → specs, options checked against signatures.
+
+    An option the function does not take, or a repeated label, raises ``ValueError`` naming the
+    config key (``measure.measures[i].options.<name>``).
+    """
+    if registry is None:
+        from flatness.measures import MEASURES as registry
+    specs, seen = [], set()
+    for i, entry in enumerate(entries):
+        fn_name = entry["function"]
+        if fn_name not in registry:
+            raise ValueError(f"measure.measures[{i}].function = {fn_name!r} is not in MEASURES")
+        label = entry.get("label") or fn_name
+        if label in seen:
+            raise ValueError(
+                f"measure.measures[{i}].label: {label!r} is used twice; give each entry a label"
+            )
+        seen.add(label)
+        options = dict(entry.get("options") or {})
+        params = inspect.signature(registry[fn_name]).parameters
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        for name in options:
+            if name in ("seed", "return_stderr"):
+                raise ValueError(
+                    f"measure.measures[{i}].options.{name} is set by the workflow (measure.seed)"
+                )
+            if not takes_any and name not in params:
+                raise ValueError(
+                    f"measure.measures[{i}].options.{name}: {fn_name} takes no option {name!r} "
+                    f"(it takes {sorted(p for p in params if p not in ('model', 'data'))})"
+                )
+        specs.append(MeasureSpec(label, fn_name, options))
+    return specs
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A function-preserving copy of the model: ``kind`` original | layerwise | dinh."""
+
+    name: str
+    kind: str
+    factor: float = 1.0  # dinh: α; layerwise: the spread
+
+
+def variants_from_config(measure_cfg: Mapping[str, Any]) -> list[Variant]:
+    """The original, ``layerwise.copies`` random layer-wise copies and one copy per Dinh α."""
+    out = [Variant(ORIGINAL, "original")]
+    lw = measure_cfg.get("layerwise", {})
+    for k in range(int(lw.get("copies", 0))):
+        out.append(Variant(f"layerwise{k}", "layerwise", float(lw.get("spread", 10.0))))
+    for alpha in measure_cfg.get("dinh_alpha", []):
+        out.append(Variant(f"dinh_alpha{format_lr(alpha)}", "dinh", float(alpha)))
+    return out
+
+
+def reparameterise(
+    model: nn.Module, variant: Variant, seed: int, index: int = 0, dinh_layer: int = -2
+) -> nn.Module:
+    """The variant's copy of ``model``; raises ``ValueError`` where it does not apply (e.g. BN)."""
+    from flatness import reparam
+
+    if variant.kind == "original":
+        return model
+    if variant.kind == "layerwise":
+        g = torch.Generator().manual_seed(int(seed) * 1000 + index)
+        n = len(reparam.weight_layers(model))
+        return reparam.layerwise_rescale(
+            model, reparam.random_layerwise_factors(n, variant.factor, g)
+        )
+    if variant.kind == "dinh":
+        return reparam.dinh_alpha_rescale(model, variant.factor, layer=dinh_layer)
+    raise ValueError(f"unknown variant kind {variant.kind!r}")
+
+
+def _call_measure(
+    fn: Callable, model: nn.Module, data, options: Mapping[str, Any], seed: int
+) -> tuple[float, float]:
+    params = inspect.signature(fn).parameters
+    kwargs = dict(options)
+    if "seed" in params:
+        kwargs["seed"] = int(seed)
+    if "return_stderr" in params:
+        value, stderr = fn(model, data, return_stderr=True, **kwargs)
+        return float(value), float(stderr)
+    return float(fn(model, data, **kwargs)), math.nan
+
+
+def _row(run_id, spec: MeasureSpec, variant: Variant, value, stderr, seconds, note) -> dict:
+    return dict(
+        run_id=run_id,
+        measure=spec.label,
+        function=spec.function,
+        variant=variant.name,
+        factor=variant.factor,
+        value=value,
+        stderr=stderr,
+        seconds=seconds,
+        note=note,
+    )
+
+
+def measure_model(
+    model: nn.Module,
+    data,
+    specs: Sequence[MeasureSpec],
+    variants: Sequence[Variant],
+    seed: int = 0,
+    run_id: str = "",
+    dinh_layer: int = -2,
+    registry: Mapping[str, Callable] | None = None,
+) -> list[dict]:
+    """Every measure on the model and on each variant copy, as long-format rows.
+
+    A variant that does not apply to the architecture (a ReLU rescaling of a BatchNorm net, a
+    Dinh α on a one-layer net) gives rows with ``value = NaN`` and the reason in ``note``; so does
+    a measure that raises ``ValueError`` for this model (e.g. a non-finite result). Other errors
+    propagate: a broken measure must fail the job, not hide in a table.
+    """
+    if registry is None:
+        from flatness.measures import MEASURES as registry
+    rows = []
+    for index, variant in enumerate(variants):
+        try:
+            copy = reparameterise(model, variant, seed, index, dinh_layer)
+        except ValueError as err:
+            note = f"not applicable: {err}"
+            log.info("%s %s: %s", run_id, variant.name, note)
+            rows += [_row(run_id, s, variant, math.nan, math.nan, 0.0, note) for s in specs]
+            continue
+        for spec in specs:
+            start = time.perf_counter()
+            try:
+                value, stderr = _call_measure(
+                    registry[spec.function], copy, data, spec.options, seed
+                )
+                note = ""
+            except ValueError as err:
+                value, stderr, note = math.nan, math.nan, f"not applicable: {err}"
+            seconds = time.perf_counter() - start
+            log.info(
+                "%s %s %s = %s (%.2f s) %s", run_id, variant.name, spec.label, value, seconds, note
+            )
+            rows.append(_row(run_id, spec, variant, value, stderr, seconds, note))
+    return rows
+
+
+def skipped_rows(
+    run_id: str, specs: Sequence[MeasureSpec], variants: Sequence[Variant], reason: str
+) -> list[dict]:
+    """NaN rows for a run that is not measured (e.g. diverged), so every run has its rows."""
+    return [_row(run_id, s, v, math.nan, math.nan, 0.0, reason) for v in variants for s in specs]
+
+
+def training_subset(
+    X: torch.Tensor, y: torch.Tensor, n: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed random subset of ``n`` samples (all when ``n`` ≥ N); the same for every run."""
+    if n >= X.shape[0]:
+        return X, y
+    g = torch.Generator().manual_seed(int(seed))
+    idx = torch.randperm(X.shape[0], generator=g)[:n].sort().values.to(X.device)
+    return X[idx], y[idx]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → cuda when available, else cpu."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def measure_run(
+    model: nn.Module,
+    train: tuple[torch.Tensor, torch.Tensor],
+    measure_cfg: Mapping[str, Any],
+    run_id: str,
+    status: str = "ok",
+) -> list[dict]:
+    """The measure stage of one run: subset, precision, specs and variants from ``measure_cfg``.
+
+    ``train`` is the un-augmented training set; ``measure_cfg`` the validated ``measure`` section
+    of the study config. A run whose training ``status`` is not ``ok`` gets NaN rows.
+    """
+    specs = measure_specs(measure_cfg["measures"])
+    variants = variants_from_config(measure_cfg)
+    if status != "ok":
+        return skipped_rows(run_id, specs, variants, f"not measured: training status {status}")
+    dtype = getattr(torch, measure_cfg.get("dtype", "float64"))
+    device = resolve_device(measure_cfg.get("device", "auto"))
+    X, y = training_subset(*train, int(measure_cfg["n_samples"]), int(measure_cfg["subset_seed"]))
+    model = model.to(device=device, dtype=dtype).eval()
+    data = (X.to(device=device, dtype=dtype), y.to(device))
+    return measure_model(
+        model,
+        data,
+        specs,
+        variants,
+        seed=int(measure_cfg.get("seed", 0)),
+        run_id=run_id,
+        dinh_layer=int(measure_cfg.get("dinh_layer", -2)),
+    )

@@ -1,0 +1,118 @@
+# Tables: one tidy row per run, the long measure table, correlations, batch-size tests,
+# invariance ratios, the Keskar interpolation and the generated findings.
+
+
+rule aggregate:
+    input:
+        metrics=expand("results/runs/{run}/metrics.json", run=RUN_IDS),
+        measures=expand("results/runs/{run}/measures.csv", run=RUN_IDS),
+    output:
+        runs=report(
+            "results/tables/runs.csv",
+            caption="../report/runs.rst",
+            category="Tables",
+            labels={"table": "runs"},
+        ),
+        long=report(
+            "results/tables/measures_long.csv",
+            caption="../report/measures_long.rst",
+            category="Tables",
+            labels={"table": "measures (long)"},
+        ),
+        history="results/tables/history.csv",
+    log:
+        "results/logs/aggregate.log",
+    conda:
+        "../../envs/flatness.yaml"
+    params:
+        runs=run_table(),
+    script:
+        "../scripts/aggregate.py"
+
+
+rule analyze:
+    input:
+        runs="results/tables/runs.csv",
+        long="results/tables/measures_long.csv",
+    output:
+        kendall=report(
+            "results/tables/kendall.csv",
+            caption="../report/kendall.rst",
+            category="Tables",
+            labels={"table": "Kendall tau vs gap"},
+        ),
+        granulated=report(
+            "results/tables/granulated_kendall.csv",
+            caption="../report/granulated_kendall.rst",
+            category="Tables",
+            labels={"table": "granulated Kendall Psi"},
+        ),
+        batch=report(
+            "results/tables/batch_comparison.csv",
+            caption="../report/batch_comparison.rst",
+            category="Tables",
+            labels={"table": "large vs small batch"},
+        ),
+        invariance=report(
+            "results/tables/invariance.csv",
+            caption="../report/invariance.rst",
+            category="Tables",
+            labels={"table": "invariance ratios"},
+        ),
+        markdown="results/tables/analysis.md",
+        findings="results/tables/findings.md",
+        findings_html=report(
+            "results/tables/findings.html",
+            caption="../report/findings.rst",
+            category="Findings",
+            labels={"table": "findings"},
+        ),
+    log:
+        "results/logs/analyze.log",
+    conda:
+        "../../envs/flatness.yaml"
+    params:
+        measures=MEASURE_LABELS,
+        analysis=config["analysis"],
+    script:
+        "../scripts/analyze.py"
+
+
+rule interpolate:
+    input:
+        unpack(pair_models),
+    output:
+        "results/interpolation/{pair}.csv",
+    log:
+        "results/logs/interpolate/{pair}.log",
+    conda:
+        "../../envs/flatness.yaml"
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    params:
+        pair_id="{pair}",
+        data=pair_data,
+        interpolation=config["interpolation"],
+        device=config["measure"]["device"],
+    script:
+        "../scripts/interpolate.py"
+
+
+rule collect_interpolation:
+    input:
+        expand("results/interpolation/{pair}.csv", pair=sorted(PAIR_BY_ID)),
+    output:
+        report(
+            "results/tables/interpolation.csv",
+            caption="../report/interpolation_table.rst",
+            category="Tables",
+            labels={"table": "interpolation"},
+        ),
+    log:
+        "results/logs/collect_interpolation.log",
+    conda:
+        "../../envs/flatness.yaml"
+    script:
+        "../scripts/collect_interpolation.py"

@@ -1,0 +1,82 @@
+# Validation, the run table and small input/param helpers shared by every stage.
+import re
+
+from flatness.suite import (
+    batch_pairs,
+    expand_grid,
+    measure_specs,
+    variants_from_config,
+)
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+validate(config, "../schemas/config.schema.yaml")
+
+try:
+    RUNS = expand_grid(config)
+    MEASURE_SPECS = measure_specs(config["measure"]["measures"])
+except ValueError as err:
+    raise WorkflowError(f"invalid config: {err}") from None
+
+RUN_BY_ID = {r.run_id: r for r in RUNS}
+RUN_IDS = sorted(RUN_BY_ID)
+PAIRS = batch_pairs(RUNS) if config["interpolation"]["enabled"] else []
+PAIR_BY_ID = {p.pair_id: p for p in PAIRS}
+MEASURE_LABELS = [s.label for s in MEASURE_SPECS]
+VARIANT_NAMES = [v.name for v in variants_from_config(config["measure"])]
+
+
+wildcard_constraints:
+    run="|".join(re.escape(r) for r in RUN_IDS),
+    pair="|".join(re.escape(p) for p in PAIR_BY_ID) or "(?!x)x",
+
+
+def run_config(wildcards):
+    """The resolved flatness.config.RunConfig dict of one run (its single source: the grid)."""
+    return RUN_BY_ID[wildcards.run].config
+
+
+def run_table():
+    """Hyperparameter columns of every run, for the aggregate table."""
+    return [dict(run_id=r.run_id, **r.axes) for r in RUNS]
+
+
+def uses_gpu(device):
+    return 1 if device == "cuda" else 0
+
+
+def pair_models(wildcards):
+    pair = PAIR_BY_ID[wildcards.pair]
+    return {
+        "small": f"results/runs/{pair.small}/model.pt",
+        "large": f"results/runs/{pair.large}/model.pt",
+    }
+
+
+def pair_data(wildcards):
+    """Data config of a pair (both runs share it), without augmentation."""
+    return dict(
+        RUN_BY_ID[PAIR_BY_ID[wildcards.pair].small].config["data"], augment=False
+    )
+
+
+def notebook(name):
+    """Absolute path of a figure notebook, so runs with --directory still find it."""
+    return workflow.source_path(f"../notebooks/{name}.py.ipynb")
+
+
+def report_inputs():
+    """Every figure and the headline tables: what `rule report` (and `rule all`) builds."""
+    figures = [
+        "results/figures/measures_by_batch.png",
+        "results/figures/invariance_alpha.png",
+        "results/figures/measure_vs_gap.png",
+        "results/figures/training_curves.png",
+    ]
+    if PAIRS:
+        figures.append("results/figures/interpolation.png")
+    return figures + [
+        "results/tables/runs.csv",
+        "results/tables/findings.html",
+        "results/tables/analysis.md",
+    ]

@@ -1,0 +1,128 @@
+# Figures: papermill notebooks that read only tables. Each notebook has a cell tagged
+# `parameters`, so it also runs standalone: papermill <nb> out.ipynb -p runs results/tables/...
+
+
+PAPERMILL = (
+    "papermill {params.notebook} {log.notebook} -k python3 --log-level ERROR "
+    "{params.args} > {log.stderr} 2>&1"
+)
+
+
+rule fig_measures_by_batch:
+    input:
+        runs="results/tables/runs.csv",
+        long="results/tables/measures_long.csv",
+    output:
+        report(
+            "results/figures/measures_by_batch.png",
+            caption="../report/fig_measures_by_batch.rst",
+            category="Figures",
+            labels={"figure": "measure by batch size and regulariser"},
+        ),
+    log:
+        notebook="results/logs/notebooks/measures_by_batch.ipynb",
+        stderr="results/logs/notebooks/measures_by_batch.log",
+    conda:
+        "../../envs/flatness.yaml"
+    params:
+        notebook=notebook("measures_by_batch"),
+        args=lambda wc, input, output: f"-p runs {input.runs} -p long {input.long} -p out {output}",
+    shell:
+        PAPERMILL
+
+
+rule fig_invariance:
+    input:
+        long="results/tables/measures_long.csv",
+    output:
+        report(
+            "results/figures/invariance_alpha.png",
+            caption="../report/fig_invariance.rst",
+            category="Figures",
+            labels={"figure": "measure vs Dinh alpha"},
+        ),
+    log:
+        notebook="results/logs/notebooks/invariance.ipynb",
+        stderr="results/logs/notebooks/invariance.log",
+    conda:
+        "../../envs/flatness.yaml"
+    params:
+        notebook=notebook("invariance"),
+        args=lambda wc, input, output: f"-p long {input.long} -p out {output}",
+    shell:
+        PAPERMILL
+
+
+rule fig_measure_vs_gap:
+    input:
+        runs="results/tables/runs.csv",
+        long="results/tables/measures_long.csv",
+        kendall="results/tables/kendall.csv",
+    output:
+        report(
+            "results/figures/measure_vs_gap.png",
+            caption="../report/fig_measure_vs_gap.rst",
+            category="Figures",
+            labels={"figure": "measure vs generalisation gap"},
+        ),
+    log:
+        notebook="results/logs/notebooks/measure_vs_gap.ipynb",
+        stderr="results/logs/notebooks/measure_vs_gap.log",
+    conda:
+        "../../envs/flatness.yaml"
+    params:
+        notebook=notebook("measure_vs_gap"),
+        args=lambda wc, input, output: (
+            f"-p runs {input.runs} -p long {input.long} -p kendall {input.kendall} -p out {output}"
+        ),
+    shell:
+        PAPERMILL
+
+
+rule fig_training_curves:
+    input:
+        history="results/tables/history.csv",
+    output:
+        report(
+            "results/figures/training_curves.png",
+            caption="../report/fig_training_curves.rst",
+            category="Figures",
+            labels={"figure": "training curves"},
+        ),
+    log:
+        notebook="results/logs/notebooks/training_curves.ipynb",
+        stderr="results/logs/notebooks/training_curves.log",
+    conda:
+        "../../envs/flatness.yaml"
+    params:
+        notebook=notebook("training_curves"),
+        args=lambda wc, input, output: f"-p history {input.history} -p out {output}",
+    shell:
+        PAPERMILL
+
+
+rule fig_interpolation:
+    input:
+        table="results/tables/interpolation.csv",
+    output:
+        report(
+            "results/figures/interpolation.png",
+            caption="../report/fig_interpolation.rst",
+            category="Figures",
+            labels={"figure": "small-to-large-batch interpolation"},
+        ),
+    log:
+        notebook="results/logs/notebooks/interpolation.ipynb",
+        stderr="results/logs/notebooks/interpolation.log",
+    conda:
+        "../../envs/flatness.yaml"
+    params:
+        notebook=notebook("interpolation"),
+        args=lambda wc, input, output: f"-p table {input.table} -p out {output}",
+    shell:
+        PAPERMILL
+
+
+rule report:
+    input:
+        report_inputs(),

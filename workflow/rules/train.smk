@@ -1,0 +1,28 @@
+# Training: one job per grid point. Checkpoints live in the undeclared results/ckpt/{run}/, so a
+# retried or re-run job resumes instead of starting over (Snakemake deletes declared outputs).
+
+
+rule train:
+    output:
+        model="results/runs/{run}/model.pt",
+        metrics="results/runs/{run}/metrics.json",
+    log:
+        "results/logs/train/{run}.log",
+    retries: 1
+    conda:
+        "../../envs/flatness.yaml"
+    threads: 2
+    resources:
+        mem_mb=lambda wc, attempt: 4000 * attempt,
+        runtime=lambda wc, attempt: 120 * attempt,
+        gpu=lambda wc: uses_gpu(run_config(wc)["device"]),
+    params:
+        config=run_config,
+        resume_dir=lambda wc: f"results/ckpt/{wc.run}",
+    script:
+        "../scripts/train.py"
+
+
+rule train_all:
+    input:
+        expand("results/runs/{run}/metrics.json", run=RUN_IDS),

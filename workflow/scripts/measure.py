@@ -1,0 +1,24 @@
+"""rule measure: every configured measure on one trained model and its reparameterised copies."""
+
+import json
+import logging
+import sys
+
+import pandas as pd
+import torch
+
+from flatness.config import DataConfig
+from flatness.data import load_dataset
+from flatness.models import load_model
+from flatness.suite import MEASURE_COLUMNS, measure_run
+
+sm = snakemake  # noqa: F821
+sys.stderr = sys.stdout = open(sm.log[0], "w")
+logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(message)s")
+torch.set_num_threads(sm.threads)
+
+status = json.loads(open(sm.input.metrics).read())["status"]
+splits = load_dataset(DataConfig(**sm.params.data))
+model = load_model(sm.input.model, map_location="cpu")
+rows = measure_run(model, splits.train, sm.params.measure, sm.params.run_id, status)
+pd.DataFrame(rows, columns=list(MEASURE_COLUMNS)).to_csv(sm.output[0], index=False)

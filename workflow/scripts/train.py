@@ -1,0 +1,16 @@
+"""rule train: one grid point → model.pt + metrics.json (resumes from params.resume_dir)."""
+
+import logging
+import sys
+from pathlib import Path
+
+from flatness.config import RunConfig
+from flatness.train import train_run
+
+sys.stderr = sys.stdout = open(snakemake.log[0], "w")  # noqa: F821
+logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(message)s")
+
+cfg = RunConfig.from_dict(snakemake.params.config)  # noqa: F821
+out_dir = Path(snakemake.output.model).parent  # noqa: F821
+metrics = train_run(cfg, out_dir, snakemake.params.resume_dir, threads=snakemake.threads)  # noqa: F821
+logging.info("status %s after %s epochs", metrics["status"], metrics["epochs"])
