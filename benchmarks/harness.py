@@ -63,6 +63,30 @@ def _status_kib(key: str) -> int | None:
     return None
 
 
+_MALLOC_PINNED = False
+
+
+def pin_malloc_to_mmap() -> None:
+    """Make glibc serve every allocation ≥ 64 KiB by mmap and return it on free.
+
+    By default glibc raises its mmap threshold after large frees and then recycles freed heap
+    memory, so a tensor can be allocated without the resident set growing and a peak shows as
+    zero. With a fixed threshold, the resident set follows the live tensors."""
+    global _MALLOC_PINNED
+    if _MALLOC_PINNED:
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD (fixing it disables the dynamic rise)
+        libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    _MALLOC_PINNED = True
+
+
 def _reset_cpu_peak() -> bool:
     # Writing 5 to clear_refs resets VmHWM (Linux ≥ 4.0): the peak of this call alone, not of
     # the process so far (data loading would otherwise mask it).
@@ -90,6 +114,7 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> tuple[float, 
         result = fn()
         synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - base) / 2**20, result
+    pin_malloc_to_mmap()
     if not _reset_cpu_peak():
         raise RuntimeError("cannot reset the resident-set peak (/proc/self/clear_refs)")
     base = _status_kib("VmRSS")

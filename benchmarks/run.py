@@ -1,0 +1,79 @@
+"""``python -m benchmarks.run --out benchmarks/out [--quick] [--only NAME]``: every benchmark topic in
+one process, side by side with its reference, written to ``results.json`` and ``results.md``.
+
+``--quick`` shrinks the data (N = 512) and the repeats for development on a busy machine; the
+figures in benchmarks/RESULTS.md come from a full run on a quiet one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import sys
+import time
+import traceback
+
+import torch
+
+from benchmarks.harness import failed_row, machine_description, markdown_table, write_results
+
+#: topic name → module; each module has ``run(ctx) -> list[Row]``.
+TOPICS = {
+    "relative": "benchmarks.bench_relative",
+    "curvature": "benchmarks.bench_curvature",
+    "trainer": "benchmarks.bench_trainer",
+    # last: it changes malloc's policy (see harness.pin_malloc_to_mmap), which slows timings
+    "memory": "benchmarks.bench_memory",
+}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="benchmarks/out", help="folder for results and caches")
+    parser.add_argument("--quick", action="store_true", help="small sizes, one repeat")
+    parser.add_argument("--only", action="append", choices=sorted(TOPICS), help="repeatable")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: 2 for a full run, 1 with --quick on a shared machine)",
+    )
+    args = parser.parse_args(argv)
+
+    threads = args.threads or (1 if args.quick else 2)
+    torch.set_num_threads(threads)
+    from benchmarks.fixtures import make_context
+
+    start = time.perf_counter()
+    ctx = make_context(args.out, quick=args.quick)
+    print(f"setup (data, trained models) {time.perf_counter() - start:.1f} s", flush=True)
+    rows = []
+    for topic in args.only or list(TOPICS):
+        t0 = time.perf_counter()
+        try:
+            rows += importlib.import_module(TOPICS[topic]).run(ctx)
+        except Exception as exc:  # noqa: BLE001 — report the topic as not run, keep the others
+            traceback.print_exc()
+            rows.append(failed_row(topic, "(whole topic)", exc))
+        print(f"{topic}: {time.perf_counter() - t0:.1f} s", flush=True)
+
+    meta = {
+        "date": datetime.date.today().isoformat(),
+        "machine": machine_description(ctx.device),
+        "device": str(ctx.device),
+        "threads": threads,
+        "quick": args.quick,
+        "torch": torch.__version__,
+        "total_s": round(time.perf_counter() - start, 1),
+        "n_eval": ctx.n_eval,
+    }
+    json_path, md_path = write_results(rows, args.out, meta)
+    print(markdown_table(rows))
+    print(f"wrote {json_path} and {md_path} in {meta['total_s']} s")
+    # A missed target is a finding, written to the table, not a crash of `make bench`.
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
