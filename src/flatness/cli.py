@@ -1,0 +1,56 @@
+"""Command line: ``python -m flatness train --config run.yaml --out DIR [--resume-dir DIR]``.
+
+Exit status: 0 for a finished run (also a diverged one: divergence is a result, recorded in
+``metrics.json``); 2 for a bad config or missing data (one line on stderr); 128 + signal number
+when SIGTERM/SIGUSR1 interrupted training (after checkpointing), so a scheduler retries the job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import yaml
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="flatness", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train one run: writes OUT/model.pt and OUT/metrics.json")
+    t.add_argument("--config", required=True, type=Path, help="YAML/JSON file with one run config")
+    t.add_argument("--out", required=True, type=Path, help="output folder")
+    t.add_argument("--resume-dir", type=Path, default=None, help="checkpoint folder (resumes)")
+    t.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    from flatness.checkpoint import CheckpointError
+    from flatness.config import RunConfig
+    from flatness.data import DatasetNotFoundError
+    from flatness.train import TrainingInterrupted, train_run
+
+    try:
+        raw = yaml.safe_load(args.config.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{args.config}: expected a mapping of config keys")
+        cfg = RunConfig.from_dict(raw)
+        metrics = train_run(cfg, args.out, resume_dir=args.resume_dir, threads=args.threads)
+    except TrainingInterrupted as err:
+        print(f"flatness: {err}", file=sys.stderr)
+        return 128 + err.signum
+    except (ValueError, FileNotFoundError, CheckpointError, yaml.YAMLError) as err:
+        # DatasetNotFoundError and config errors are one-line messages meant for the user
+        kind = "data" if isinstance(err, DatasetNotFoundError) else "error"
+        print(f"flatness {kind}: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    print(
+        f"{metrics['status']}: train_loss {metrics['train_loss']:.4g} test_acc "
+        f"{metrics['test_acc']:.4f} epochs {metrics['epochs']} -> {args.out}",
+        file=sys.stderr,
+    )
+    return 0
