@@ -353,3 +353,19 @@ def test_fam_penalty_is_kappa_over_m(variant, loss, net, fixture_data64):
     R = float(fam_penalty(net, X, y, variant=variant, loss_fn=loss_fn))
     kappa_m = relative_flatness(net, (X, y), loss_fn=loss_fn, divide_by_m=True)
     assert rel(R, kappa_m) <= 1e-10
+
+
+def test_conv_features_flattened_into_the_last_linear(fixture_data64):
+    X, y = fixture_data64
+    g = torch.Generator().manual_seed(8)
+    Xc = torch.randn(24, 1, 6, 6, generator=g, dtype=torch.float64)
+    yc = y[:24]
+    torch.manual_seed(0)  # test-side init only
+    cnn = nn.Sequential(
+        nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8, 4)
+    ).double()
+    W, H = dense_layer_hessian(cnn, Xc, yc)
+    for which, f in MEASURES.items():
+        assert rel(f(cnn, (Xc, yc)), reference(which, W, H)) <= 1e-10
+    before = relative_flatness(cnn, (Xc, yc))
+    assert rel(relative_flatness(layerwise_rescale(cnn, [5.0, 0.2]), (Xc, yc)), before) <= 1e-10
