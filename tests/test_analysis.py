@@ -1,0 +1,236 @@
+"""flatness.analysis on small synthetic tables with known τ, Ψ and effect sizes (scipy as reference)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from flatness import analysis as an
+from flatness.suite import AXES
+
+
+def grid_runs(measure_fn, gap_fn):
+    """Runs over batch_size × regularizer × seed with measure/gap given as functions of the axes."""
+    rows = []
+    for bs, reg, seed in itertools.product([32, 1024], ["none", "sam", "fam"], [0, 1]):
+        r = dict(
+            run_id=f"{reg}-{bs}-{seed}",
+            dataset="d",
+            model="m",
+            optimizer="sgd",
+            regularizer=reg,
+            batch_size=bs,
+            lr=0.05,
+            seed=seed,
+            status="ok",
+        )
+        r["m"] = measure_fn(bs, reg, seed)
+        r["gap_loss"] = gap_fn(bs, reg, seed)
+        r["gap_acc"] = 0.1 * r["gap_loss"]
+        rows.append(r)
+    return pd.DataFrame(rows)
+
+
+REG = {"none": 0, "sam": 1, "fam": 2}
+
+
+def test_kendall_matches_scipy_and_handles_constants():
+    rng = np.random.default_rng(0)
+    runs = pd.DataFrame(
+        {"m": rng.normal(size=20), "c": np.ones(20), "gap_loss": rng.normal(size=20)}
+    )
+    runs["gap_acc"] = runs["gap_loss"] + rng.normal(size=20)
+    runs.loc[3, "m"] = np.nan
+    table = an.kendall_table(runs, ["m", "c"])
+    ok = runs["m"].notna()
+    ref = stats.kendalltau(runs.loc[ok, "m"], runs.loc[ok, "gap_loss"])
+    row = table.query("measure == 'm' and gap == 'gap_loss'").iloc[0]
+    assert row["tau"] == pytest.approx(ref.statistic) and row["p_value"] == pytest.approx(
+        ref.pvalue
+    )
+    assert row["n"] == 19
+    assert table.query("measure == 'c'")["tau"].isna().all()
+
+
+def test_granulated_kendall_known_psi():
+    # within a regulariser, larger batch → larger measure and larger gap (τ = +1 along batch_size);
+    # within a batch size and seed, the measure rises with the regulariser index while the gap falls
+    # (τ = −1 along regularizer); seed changes nothing in the measure (τ undefined → skipped).
+    runs = grid_runs(
+        lambda bs, reg, s: bs + REG[reg], lambda bs, reg, s: bs - 0.1 * REG[reg] + 0.001 * s
+    )
+    assert an.varying_axes(runs) == ["regularizer", "batch_size", "seed"]
+    g = an.granulated_kendall(runs, ["m"], gaps=["gap_loss"]).set_index("axis")["psi"]
+    assert g["batch_size"] == pytest.approx(1.0)
+    assert g["regularizer"] == pytest.approx(-1.0)
+    assert math.isnan(g["seed"])
+    assert g["Psi"] == pytest.approx(0.0)
+
+
+def test_granulated_kendall_needs_two_varying_axes():
+    runs = grid_runs(lambda bs, reg, s: bs, lambda bs, reg, s: bs)
+    one_axis = runs[(runs["regularizer"] == "none") & (runs["seed"] == 0)]
+    assert an.granulated_kendall(one_axis, ["m"]).empty
+
+
+def test_effect_sizes_against_hand_computed_values():
+    a, b = [3.0, 4.0, 5.0], [1.0, 2.0, 4.0]
+    # pairs a>b: 3>1,3>2,4>1,4>2,5>1,5>2,5>4 = 7; a<b: 3<4 = 1; ties: 4=4 → (7 − 1)/9
+    assert an.cliffs_delta(a, b) == pytest.approx(6 / 9)
+    pooled = math.sqrt((np.var(a, ddof=1) + np.var(b, ddof=1)) / 2)
+    assert an.hedges_g(a, b) == pytest.approx((4 - 7 / 3) / pooled * (1 - 3 / (4 * 6 - 9)))
+    assert math.isnan(an.hedges_g([1.0], b))
+
+
+def test_batch_comparison_signs_and_scipy_p_value():
+    runs = grid_runs(lambda bs, reg, s: bs / 32 + REG[reg], lambda bs, reg, s: 0.0)
+    runs["pacbayes_sigma"] = 1.0 / runs["m"]  # larger σ = flatter
+    table = an.batch_comparison(runs, ["m", "pacbayes_sigma"]).set_index("measure")
+    large = runs.loc[runs["batch_size"] == 1024, "m"]
+    small = runs.loc[runs["batch_size"] == 32, "m"]
+    ref = stats.mannwhitneyu(large, small, alternative="two-sided")
+    assert table.loc["m", "p_value"] == pytest.approx(ref.pvalue)
+    assert table.loc["m", "mannwhitney_u"] == pytest.approx(ref.statistic)
+    assert table.loc["m", "cliffs_delta"] == pytest.approx(1.0)
+    assert table.loc["m", "large_sharper"] is True or table.loc["m", "large_sharper"] == True  # noqa: E712
+    # the same ordering under a flatness-oriented measure is still "large batch sharper"
+    assert table.loc["pacbayes_sigma", "cliffs_delta"] == pytest.approx(-1.0)
+    assert bool(table.loc["pacbayes_sigma", "large_sharper"])
+    assert (table["small_batch"] == 32).all() and (table["large_batch"] == 1024).all()
+
+
+def long_table():
+    rows = []
+    for run, base in (("a", 2.0), ("b", 3.0)):
+        for measure, exponent in (("invariant", 0.0), ("euclid", 2.0)):
+            rows.append(
+                dict(
+                    run_id=run,
+                    measure=measure,
+                    function=measure,
+                    variant="original",
+                    factor=1.0,
+                    value=base,
+                    note="",
+                )
+            )
+            for alpha in (10.0, 100.0):
+                rows.append(
+                    dict(
+                        run_id=run,
+                        measure=measure,
+                        function=measure,
+                        variant=f"dinh_alpha{alpha:g}",
+                        factor=alpha,
+                        value=base * alpha**exponent * (1 + 1e-4),
+                        note="",
+                    )
+                )
+        rows.append(
+            dict(
+                run_id=run,
+                measure="bn",
+                function="bn",
+                variant="original",
+                factor=1.0,
+                value=1.0,
+                note="",
+            )
+        )
+        rows.append(
+            dict(
+                run_id=run,
+                measure="bn",
+                function="bn",
+                variant="dinh_alpha10",
+                factor=10.0,
+                value=np.nan,
+                note="not applicable: BatchNorm",
+            )
+        )
+    return pd.DataFrame(rows)
+
+
+def test_invariance_table_ratios_exponents_and_not_applicable():
+    inv = an.invariance_table(long_table(), tolerance=0.01).set_index(["measure", "variant"])
+    assert bool(inv.loc[("invariant", "dinh_alpha100"), "invariant"])
+    assert inv.loc[("invariant", "dinh_alpha100"), "alpha_exponent"] == pytest.approx(0.0, abs=1e-3)
+    assert not bool(inv.loc[("euclid", "dinh_alpha10"), "invariant"])
+    assert inv.loc[("euclid", "dinh_alpha100"), "median_ratio"] == pytest.approx(1e4, rel=1e-3)
+    assert inv.loc[("euclid", "dinh_alpha100"), "alpha_exponent"] == pytest.approx(2.0, abs=1e-3)
+    assert inv.loc[("bn", "dinh_alpha10"), "n"] == 0
+    assert "BatchNorm" in inv.loc[("bn", "dinh_alpha10"), "note"]
+
+
+def test_runs_table_has_contract_columns_and_measure_values():
+    runs = [dict(run_id="a", **{k: 1 for k in AXES}), dict(run_id="b", **{k: 2 for k in AXES})]
+    metrics = {
+        r["run_id"]: dict(
+            train_loss=0.1,
+            test_loss=0.3,
+            train_acc=1.0,
+            test_acc=0.9,
+            gap_loss=0.2,
+            gap_acc=0.1,
+            epochs=5,
+            steps=50,
+            wall_time_s=1.0,
+            status="ok",
+            history=[{"epoch": 1, "train_loss": 1.0}],
+        )
+        for r in runs
+    }
+    table = an.runs_table(runs, metrics, long_table())
+    for col in (
+        "dataset",
+        "model",
+        "optimizer",
+        "regularizer",
+        "batch_size",
+        "lr",
+        "seed",
+        "train_loss",
+        "test_loss",
+        "train_acc",
+        "test_acc",
+        "gap_loss",
+        "gap_acc",
+        "epochs",
+        "status",
+        "invariant",
+        "euclid",
+        "bn",
+    ):
+        assert col in table.columns
+    assert table.set_index("run_id").loc["b", "euclid"] == 3.0
+    hist = an.history_table(runs, metrics)
+    assert list(hist["run_id"]) == ["a", "b"] and "train_loss" in hist
+
+
+def test_findings_sentences_follow_the_numbers():
+    runs = grid_runs(lambda bs, reg, s: bs / 32 + REG[reg], lambda bs, reg, s: bs / 32 + 0.01 * s)
+    for col in ("test_acc", "epochs"):
+        runs[col] = 1.0
+    kendall = an.kendall_table(runs, ["m"])
+    batch = an.batch_comparison(runs, ["m"])
+    inv = an.invariance_table(long_table())
+    text = "\n".join(an.findings(runs, kendall, an.granulated_kendall(runs, ["m"]), batch, inv))
+    assert (
+        "Invariant (every copy/original ratio within 1 ± 0.01) under all reparameterised copies: invariant."
+        in text
+    )
+    assert "euclid is not invariant" in text and "α^2" in text
+    assert "batch 1024 solutions came out sharper than batch 32" in text
+    assert "significant at 0.05" in text
+    assert "as 'flat minima generalise' predicts" in text
+    # reverse the relation: the sentence must flip
+    flipped = an.kendall_table(runs.assign(gap_loss=-runs["gap_loss"]), ["m"])
+    text = "\n".join(
+        an.findings(runs, flipped, pd.DataFrame(columns=["axis"]), batch.iloc[0:0], inv.iloc[0:0])
+    )
+    assert "against 'flat minima generalise'" in text
