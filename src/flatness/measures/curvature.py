@@ -1,18 +1,321 @@
-"""PLACEHOLDER: being written (a helper owns this module)."""
+"""Hessian-based sharpness measures: λ_max, trace, quotient-manifold and adaptive sharpness.
+
+All use the Hessian H = ∇²L of the *mean* loss over every sample of ``data`` (METHODS.md §2, §5),
+computed by :class:`flatness.hvp.HessianOperator` in ``eval()`` mode, in the model's dtype and
+device; the model's parameters are never changed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from flatness.batches import DEFAULT_CHUNK, Batches, default_loss, eval_mode, mean_loss
+from flatness.hutchinson import adaptive_hutchpp_trace, hutchpp_trace
+from flatness.hvp import DEFAULT_GRAPH_BUDGET, HessianOperator
+from flatness.lanczos import DEFAULT_METHOD, top_eigenvalues
+
+#: Parameter counts up to which ``hessian_trace`` is exact (n HVPs with basis vectors).
+EXACT_TRACE_MAX_PARAMS = 2000
 
 
-def adaptive_sharpness(model, data, **kwargs):
-    raise NotImplementedError("adaptive_sharpness is being written")
+def _operator(model, data, loss_fn, params, chunk_size, graph_budget_bytes) -> HessianOperator:
+    return HessianOperator(
+        model,
+        data,
+        params=params,
+        loss_fn=loss_fn,
+        chunk_size=chunk_size,
+        graph_budget_bytes=graph_budget_bytes,
+    )
 
 
-def hessian_max_eigenvalue(model, data, **kwargs):
-    raise NotImplementedError("hessian_max_eigenvalue is being written")
+def _lambda_max(op: HessianOperator, scale: Tensor | None, tol, seed, method) -> float:
+    """λ_max of H, or of the symmetric ``diag(s) H diag(s)`` for a scale vector ``s``."""
+    if scale is None:
+        mv = op.matvec
+    else:
+
+        def mv(v: Tensor) -> Tensor:
+            return scale * op.matvec(scale * v)
+
+    with op:
+        res = top_eigenvalues(
+            mv,
+            op.num_params,
+            1,
+            method=method,
+            tol=tol,
+            seed=seed,
+            device=op.device,
+            dtype=op.dtype,
+        )
+    return float(res.eigenvalues[0])
 
 
-def hessian_trace(model, data, **kwargs):
-    raise NotImplementedError("hessian_trace is being written")
+def hessian_max_eigenvalue(
+    model: nn.Module,
+    data,
+    *,
+    loss_fn=None,
+    params=None,
+    tol: float = 1e-4,
+    seed: int = 0,
+    method: str = DEFAULT_METHOD,
+    chunk_size: int | None = DEFAULT_CHUNK,
+    graph_budget_bytes: int = DEFAULT_GRAPH_BUDGET,
+) -> float:
+    """Largest *algebraic* eigenvalue of H = ∇²L (mean loss), all parameters by default.
+
+    Lanczos (``method="lanczos"``) or ARPACK (``"eigsh"``), relative tolerance ``tol``. Not
+    reparameterisation-invariant (METHODS.md §5: ×9.3 layer-wise, ×3.3 neuron-wise on the
+    fixture). PyHessian's power iteration returns the largest-*magnitude* one instead.
+
+    >>> import torch
+    >>> lin = torch.nn.Linear(2, 1, bias=False).double()
+    >>> X = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
+    >>> mse = lambda out, y: ((out.squeeze(-1) - y) ** 2).mean()
+    >>> round(hessian_max_eigenvalue(lin, (X, torch.zeros(2, dtype=torch.float64)), loss_fn=mse), 10)
+    4.0
+    """
+    op = _operator(model, data, loss_fn, params, chunk_size, graph_budget_bytes)
+    return _lambda_max(op, None, tol, seed, method)
 
 
-def quotient_sharpness(model, data, **kwargs):
-    raise NotImplementedError("quotient_sharpness is being written")
+def hessian_trace(
+    model: nn.Module,
+    data,
+    *,
+    loss_fn=None,
+    rel_stderr: float = 0.02,
+    num_probes: int | None = None,
+    seed: int = 0,
+    return_stderr: bool = False,
+    max_probes: int = 200,
+    exact_max_params: int = EXACT_TRACE_MAX_PARAMS,
+    chunk_size: int | None = DEFAULT_CHUNK,
+    graph_budget_bytes: int = DEFAULT_GRAPH_BUDGET,
+):
+    """Tr H = Tr ∇²L (mean loss), all parameters.
 
+    Exact (n HVPs with basis vectors, stderr 0.0) when n ≤ ``exact_max_params`` and
+    ``num_probes`` is not given. Otherwise Hutch++ with Rademacher probes: with ``num_probes``,
+    exactly that many HVPs (Meyer et al.'s split); without, a sketch of 10 then residual probes in
+    rounds of 10 until stderr ≤ ``rel_stderr``·|trace| or ``max_probes`` HVPs. Not invariant
+    (METHODS.md §5: ×6.2 layer-wise, ×1.5 neuron-wise on the fixture).
+
+    >>> import torch
+    >>> lin = torch.nn.Linear(2, 1, bias=False).double()
+    >>> X = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
+    >>> mse = lambda out, y: ((out.squeeze(-1) - y) ** 2).mean()
+    >>> hessian_trace(lin, (X, torch.zeros(2, dtype=torch.float64)), loss_fn=mse)  # tr 2XᵀX/N
+    5.0
+    """
+    op = _operator(model, data, loss_fn, None, chunk_size, graph_budget_bytes)
+    n = op.num_params
+    with op:
+        if num_probes is None and n <= exact_max_params:
+            eye = torch.eye(n, dtype=op.dtype, device=op.device)
+            value = float(sum(op.matvec(e)[i] for i, e in enumerate(eye)))
+            stderr = 0.0
+        else:
+            gen = torch.Generator().manual_seed(int(seed))
+            kw = {"device": op.device, "dtype": op.dtype}
+            if num_probes is not None:
+                value, stderr = hutchpp_trace(op.matvec, n, int(num_probes), gen, **kw)
+            else:
+                est = adaptive_hutchpp_trace(
+                    op.matvec, n, gen, rel_stderr=rel_stderr, max_matvecs=max_probes, **kw
+                )
+                value, stderr = est.value, est.stderr
+    return (value, stderr) if return_stderr else value
+
+
+def _tensor_norm_scale(params: list[Tensor]) -> Tensor:
+    """D as a flat vector: ‖T‖_F repeated over the entries of each tensor T."""
+    return torch.cat([torch.full((p.numel(),), float(torch.linalg.vector_norm(p.detach())),
+                                 dtype=p.dtype, device=p.device) for p in params])  # fmt: skip
+
+
+def quotient_sharpness(
+    model: nn.Module,
+    data,
+    *,
+    loss_fn=None,
+    normalized: bool = False,
+    epsilon: float | None = None,
+    tol: float = 1e-4,
+    seed: int = 0,
+    method: str = DEFAULT_METHOD,
+    chunk_size: int | None = DEFAULT_CHUNK,
+    graph_budget_bytes: int = DEFAULT_GRAPH_BUDGET,
+) -> float:
+    """Quotient-manifold sharpness of Rangamani et al. (arXiv 1902.02434): raw λ_max(D H D).
+
+    .. math::
+        λ_R = λ_{max}(D H D), \\quad D = \\operatorname{blockdiag}(‖T‖_F I)
+
+    over every parameter tensor T, biases included (METHODS.md §2); equal to the top eigenvalue
+    of G⁻¹H with the metric G = blockdiag(‖T‖_F⁻² I). Largest *algebraic* eigenvalue (the reference
+    code reports the largest magnitude). Invariant under any per-tensor positive rescaling at any θ;
+    *not* under neuron-wise rescaling (a documented limitation). ``normalized=True`` returns
+    λ_R/(2(1 + L)) with L the mean loss on ``data``, times ε² when ``epsilon`` is given.
+    """
+    op = _operator(model, data, loss_fn, None, chunk_size, graph_budget_bytes)
+    D = _tensor_norm_scale(op.params)
+    lam = _lambda_max(op, D, tol, seed, method)
+    if not normalized:
+        if epsilon is not None:
+            raise ValueError("epsilon only applies with normalized=True")
+        return lam
+    value = lam / (2.0 * (1.0 + op.loss()))
+    return value * float(epsilon) ** 2 if epsilon is not None else value
+
+
+def adaptive_sharpness(
+    model: nn.Module,
+    data,
+    *,
+    loss_fn=None,
+    kind: str = "quadratic",
+    rho: float | None = None,
+    p: float = 2,
+    eta: float = 0.0,
+    tol: float = 1e-4,
+    seed: int = 0,
+    method: str = DEFAULT_METHOD,
+    num_iter: int = 20,
+    chunk_size: int | None = DEFAULT_CHUNK,
+    graph_budget_bytes: int = DEFAULT_GRAPH_BUDGET,
+) -> float:
+    """Adaptive sharpness (Kwon et al. 2021; Andriushchenko et al. 2023), METHODS.md §5.
+
+    ``kind="quadratic"`` (default): λ_max(C H C), C = diag(|w| + η) over every parameter tensor;
+    with ``rho`` given, the quadratic model ½ρ²λ_max(C H C) of the ℓ2 worst case. With η = 0 it
+    is invariant to any positive diagonal rescaling (layer- and neuron-wise).
+
+    ``kind="worst_case"``:
+
+    .. math::
+        \\max_{‖δ ⊘ (|w|+η)‖_p ≤ ρ} L(w + δ) − L(w)
+
+    over the mean loss on all of ``data`` (not Andriushchenko's max-per-batch-then-average), by
+    APGD-style projected gradient ascent: ``num_iter`` steps (ℓ∞: sign steps; ℓ2: normalised
+    steps), momentum 0.75, step size halved at the APGD checkpoints when progress stalls, from a
+    random start inside the ball (``seed``). ``p`` ∈ {2, inf}; ``rho`` defaults to 0.5 (ℓ2) and
+    0.002 (ℓ∞). Returns max(best found, 0) (δ = 0 is feasible).
+    """
+    if eta < 0:
+        raise ValueError(f"eta must be ≥ 0, got {eta}")
+    if rho is not None and not rho > 0:
+        raise ValueError(f"rho must be positive, got {rho}")
+    if kind == "quadratic":
+        op = _operator(model, data, loss_fn, None, chunk_size, graph_budget_bytes)
+        C = torch.cat([p_.detach().abs().reshape(-1) + eta for p_ in op.params])
+        lam = _lambda_max(op, C, tol, seed, method)
+        return lam if rho is None else 0.5 * rho**2 * lam
+    if kind == "worst_case":
+        if p not in (2, math.inf, float("inf"), "inf"):
+            raise ValueError(f"p must be 2 or inf, got {p!r}")
+        p_inf = p != 2
+        rho = (0.002 if p_inf else 0.5) if rho is None else float(rho)
+        return _worst_case(model, data, loss_fn, rho, p_inf, eta, num_iter, seed, chunk_size)
+    raise ValueError(f"kind must be 'quadratic' or 'worst_case', got {kind!r}")
+
+
+def _apgd_checkpoints(num_iter: int) -> set[int]:
+    """Iterations at which APGD (Croce & Hein 2020) may halve its step size."""
+    ps = [0.0, 0.22]
+    while ps[-1] < 1:
+        ps.append(ps[-1] + max(ps[-1] - ps[-2] - 0.03, 0.06))
+    return {math.ceil(q * num_iter) for q in ps[1:] if q < 1}
+
+
+def _worst_case(model, data, loss_fn, rho, p_inf, eta, num_iter, seed, chunk_size) -> float:
+    loss_fn = loss_fn or default_loss
+    batches = Batches.for_model(data, model, chunk_size=chunk_size)
+    names = [n for n, _ in model.named_parameters()]
+    base = [t.detach() for _, t in model.named_parameters()]
+    scale = [t.abs() + eta for t in base]
+    N = batches.num_samples
+
+    def loss_and_grad(gamma: list[Tensor], need_grad: bool) -> tuple[float, list[Tensor] | None]:
+        # δ = C ⊙ γ, so ‖δ ⊘ C‖_p ≤ ρ is the plain ball ‖γ‖_p ≤ ρ; ∇_γ = C ⊙ ∇_δ.
+        total, grads = 0.0, None
+        gam = [g.detach().requires_grad_(need_grad) for g in gamma]
+        for X, y in batches:
+            with torch.set_grad_enabled(need_grad):
+                ps = {n: b + c * g for n, b, c, g in zip(names, base, scale, gam, strict=True)}
+                loss = loss_fn(functional_call(model, ps, (X,)), y) * (X.shape[0] / N)
+            if not torch.isfinite(loss):
+                raise ValueError(f"the perturbed loss is not finite ({float(loss)})")
+            total += float(loss.detach())
+            if need_grad:
+                g = torch.autograd.grad(loss, gam, allow_unused=True, materialize_grads=True)
+                grads = list(g) if grads is None else [a + b for a, b in zip(grads, g, strict=True)]
+        return total, grads
+
+    def norm(xs: list[Tensor]) -> Tensor:
+        flat = torch.cat([x.reshape(-1) for x in xs])
+        return flat.abs().max() if p_inf else torch.linalg.vector_norm(flat)
+
+    def project(xs: list[Tensor]) -> list[Tensor]:
+        if p_inf:
+            return [x.clamp(-rho, rho) for x in xs]
+        nrm = float(norm(xs))
+        return xs if nrm <= rho else [x * (rho / nrm) for x in xs]
+
+    def ascent_dir(gs: list[Tensor]) -> list[Tensor]:
+        if p_inf:
+            return [g.sign() for g in gs]
+        nrm = float(norm(gs))
+        return [g / nrm for g in gs] if nrm > 0 else [torch.zeros_like(g) for g in gs]
+
+    gen = torch.Generator().manual_seed(int(seed))
+
+    def rand_like(t: Tensor) -> Tensor:
+        return torch.rand(t.shape, generator=gen, dtype=torch.float64).to(t.device, t.dtype)
+
+    with eval_mode(model), torch.no_grad():
+        L0 = float(mean_loss(model, batches, loss_fn))
+    with eval_mode(model):
+        if p_inf:
+            x = [(2 * rand_like(t) - 1) * rho for t in base]
+        else:  # uniform direction, radius ρ·U^{1/n}: uniform in the ℓ2 ball
+            x = [torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t) for t in base]
+            n = sum(t.numel() for t in base)
+            r = rho * float(torch.rand(1, generator=gen, dtype=torch.float64)) ** (1 / n)
+            x = [t * (r / float(norm(x))) for t in x]
+        f, g = loss_and_grad(x, True)
+        best_f, best_x, best_g = f, x, g
+        step = 2 * rho
+        checkpoints = _apgd_checkpoints(num_iter)
+        last_ck, successes, best_at_last_ck, reduced_last = 0, 0, best_f, False
+        x_prev = x
+        for it in range(num_iter):
+            z = project([a + step * d for a, d in zip(x, ascent_dir(g), strict=True)])
+            alpha = 1.0 if it == 0 else 0.75
+            x_new = project(
+                [
+                    xi + alpha * (zi - xi) + (1 - alpha) * (xi - xp)
+                    for xi, zi, xp in zip(x, z, x_prev, strict=True)
+                ]  # fmt: skip
+            )
+            f_new, g_new = loss_and_grad(x_new, True)
+            if f_new > f:
+                successes += 1
+            x_prev, x, f, g = x, x_new, f_new, g_new
+            if f > best_f:
+                best_f, best_x, best_g = f, x, g
+            if it + 1 in checkpoints:
+                stalled = successes < 0.75 * (it + 1 - last_ck)
+                no_gain = not reduced_last and best_f == best_at_last_ck
+                reduced_last = stalled or no_gain
+                if reduced_last:  # halve the step and restart from the best point
+                    step /= 2
+                    x, g, f, x_prev = best_x, best_g, best_f, best_x
+                last_ck, successes, best_at_last_ck = it + 1, 0, best_f
+    return max(best_f - L0, 0.0)

@@ -1,0 +1,365 @@
+"""Curvature measures vs dense float64 references and their (non-)invariances (METHODS.md §2, §5, §10)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from flatness.measures.curvature import (
+    adaptive_sharpness,
+    hessian_max_eigenvalue,
+    hessian_trace,
+    quotient_sharpness,
+)
+from flatness.reparam import dinh_alpha_rescale, layerwise_rescale, neuronwise_rescale
+from tests.conftest import LAYERWISE_FACTORS, neuron_scales, train_full_batch
+from tests.test_hvp import dense_hessian, snapshot, unchanged
+
+TIGHT = 1e-12  # Lanczos tolerance for the 1e-9 comparisons (the operators are 186-dimensional)
+
+
+def rel(a: float, b: float) -> float:
+    return abs(a - b) / abs(b)
+
+
+def tensor_scale(model, kind: str) -> torch.Tensor:
+    """D (per-tensor Frobenius norms) or C = |w| as a flat vector, parameters() order."""
+    if kind == "D":
+        parts = [
+            torch.full((p.numel(),), float(p.detach().norm()), dtype=torch.float64)
+            for p in model.parameters()
+        ]
+    else:
+        parts = [p.detach().abs().reshape(-1) for p in model.parameters()]
+    return torch.cat(parts).to(torch.float64)
+
+
+def dense_top(model, X, y, kind: str | None = None) -> float:
+    H = dense_hessian(model, X, y)
+    if kind is not None:
+        s = tensor_scale(model, kind)
+        H = s[:, None] * H * s[None, :]
+    return float(torch.linalg.eigvalsh(H)[-1])
+
+
+def rescaled(model, how: str):
+    if how == "L":
+        return layerwise_rescale(model, LAYERWISE_FACTORS)
+    return neuronwise_rescale(model, 1, neuron_scales())  # the 6 feature units
+
+
+@pytest.fixture(params=["trained", "random"])
+def net(request, trained_mlp64, random_mlp64):
+    return trained_mlp64 if request.param == "trained" else random_mlp64
+
+
+# --- dense references -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["lanczos", "eigsh"])
+def test_max_eigenvalue_matches_dense(net, fixture_data64, method):
+    X, y = fixture_data64
+    lam = hessian_max_eigenvalue(net, (X, y), tol=TIGHT, method=method, chunk_size=16)
+    assert rel(lam, dense_top(net, X, y)) <= 1e-8
+    default = hessian_max_eigenvalue(net, (X, y), method=method)  # tol 1e-4 bounds the error
+    assert rel(default, dense_top(net, X, y)) <= 1e-4
+
+
+def test_max_eigenvalue_on_parameter_subset(trained_mlp64, fixture_data64):
+    X, y = fixture_data64
+    H = dense_hessian(trained_mlp64, X, y, names={"2.weight"})
+    lam = hessian_max_eigenvalue(trained_mlp64, (X, y), params=[trained_mlp64[2].weight], tol=TIGHT)
+    assert rel(lam, float(torch.linalg.eigvalsh(H)[-1])) <= 1e-8
+
+
+def test_trace_exact_matches_dense(net, fixture_data64):
+    X, y = fixture_data64
+    value, se = hessian_trace(net, (X, y), return_stderr=True)
+    assert se == 0.0
+    assert rel(value, float(torch.trace(dense_hessian(net, X, y)))) <= 1e-8
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_trace_stochastic_within_its_stderr(net, fixture_data64, seed):
+    X, y = fixture_data64
+    exact = float(torch.trace(dense_hessian(net, X, y)))
+    v, se = hessian_trace(net, (X, y), num_probes=45, seed=seed, return_stderr=True)
+    assert 0 < se and abs(v - exact) <= 4 * se
+    # Adaptive rounds (forced past the exact path): stop at 2% relative stderr or the cap.
+    v, se = hessian_trace(
+        net, (X, y), exact_max_params=0, max_probes=1000, seed=seed, return_stderr=True
+    )
+    assert abs(v - exact) <= 4 * se
+    assert se <= 0.02 * abs(v)
+    capped = hessian_trace(
+        net, (X, y), exact_max_params=0, rel_stderr=1e-9, max_probes=40, return_stderr=True
+    )
+    assert capped[1] > 1e-9 * abs(capped[0])  # the cap, not the target, ended it
+    assert hessian_trace(net, (X, y), num_probes=45, seed=seed) == hessian_trace(
+        net, (X, y), num_probes=45, seed=seed
+    )
+
+
+def test_quotient_sharpness_matches_dense_dhd(net, fixture_data64):
+    X, y = fixture_data64
+    ref = dense_top(net, X, y, "D")
+    for method in ("lanczos", "eigsh"):
+        assert rel(quotient_sharpness(net, (X, y), tol=TIGHT, method=method), ref) <= 1e-9
+
+
+def test_quotient_sharpness_normalised_forms(trained_mlp64, fixture_data64):
+    X, y = fixture_data64
+    lam = quotient_sharpness(trained_mlp64, (X, y), tol=TIGHT)
+    L = float(nn.functional.cross_entropy(trained_mlp64(X), y).detach())
+    norm = quotient_sharpness(trained_mlp64, (X, y), normalized=True, tol=TIGHT)
+    assert norm == pytest.approx(lam / (2 * (1 + L)), rel=1e-12)
+    eps = quotient_sharpness(trained_mlp64, (X, y), normalized=True, epsilon=1e-3, tol=TIGHT)
+    assert eps == pytest.approx(lam * 1e-6 / (2 * (1 + L)), rel=1e-12)
+
+
+def test_quotient_sharpness_with_a_zero_tensor(trained_mlp64, fixture_data64):
+    X, y = fixture_data64
+    net = copy.deepcopy(trained_mlp64)
+    with torch.no_grad():
+        net[0].bias.zero_()  # a zero block of D: no division anywhere
+    assert rel(quotient_sharpness(net, (X, y), tol=TIGHT), dense_top(net, X, y, "D")) <= 1e-9
+
+
+def test_t15_power_iteration_on_g_inverse_h(trained_mlp64, fixture_data64):
+    """R4: the reference algorithm (g-normalised power iteration on G⁻¹H, Rayleigh quotient vᵀHv
+    with g(v, v) = 1) and Lanczos on DHD both give dense eigh(DHD)."""
+    X, y = fixture_data64
+    H = dense_hessian(trained_mlp64, X, y)
+    d2 = tensor_scale(trained_mlp64, "D") ** 2  # G⁻¹ = diag(‖T‖²)
+
+    def g_norm(v):
+        return torch.sqrt((v * v / d2).sum())
+
+    v = torch.randn(H.shape[0], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    v = v / g_norm(v)
+    for _ in range(1000):
+        w = d2 * (H @ v)
+        w = w / g_norm(w)
+        done = torch.linalg.vector_norm(w - v) / torch.linalg.vector_norm(v) < 1e-13
+        v = w
+        if done:
+            break
+    power = float(v @ H @ v)
+    ref = dense_top(trained_mlp64, X, y, "D")
+    assert rel(power, ref) <= 1e-9
+    assert rel(quotient_sharpness(trained_mlp64, (X, y), tol=TIGHT), ref) <= 1e-9
+
+
+def test_adaptive_quadratic_matches_dense(net, fixture_data64):
+    X, y = fixture_data64
+    ref = dense_top(net, X, y, "C")
+    assert rel(adaptive_sharpness(net, (X, y), tol=TIGHT), ref) <= 1e-9
+    assert adaptive_sharpness(net, (X, y), rho=0.1, tol=TIGHT) == pytest.approx(
+        0.5 * 0.01 * ref, rel=1e-9
+    )
+    H = dense_hessian(net, X, y)
+    c = tensor_scale(net, "C") + 0.01
+    ref_eta = float(torch.linalg.eigvalsh(c[:, None] * H * c[None])[-1])
+    assert rel(adaptive_sharpness(net, (X, y), eta=0.01, tol=TIGHT), ref_eta) <= 1e-9
+
+
+# --- invariances (METHODS.md §10) -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["L", "N"])
+def test_t2_euclidean_measures_have_teeth(random_mlp64, fixture_data64, how):
+    """T2/R2 at random init: λ_max and Tr H change ≥ 2× under both rescalings. (On the trained
+    fixture the top eigenvector is ≈ 100% the output bias, which neither rescaling touches, so
+    λ_max moves by only ~4e-5 there; the trace still changes under L.)"""
+    X, y = fixture_data64
+    other = rescaled(random_mlp64, how)
+    for f, kw in [(hessian_max_eigenvalue, {"tol": 1e-8}), (hessian_trace, {})]:
+        a, b = f(random_mlp64, (X, y), **kw), f(other, (X, y), **kw)
+        assert max(a / b, b / a) >= 2.0, f.__name__
+
+
+def test_t2_trace_changes_on_trained_fixture(trained_mlp64, fixture_data64):
+    X, y = fixture_data64
+    a = hessian_trace(trained_mlp64, (X, y))
+    assert hessian_trace(rescaled(trained_mlp64, "L"), (X, y)) / a >= 1.5
+
+
+def test_t3_quotient_sharpness_layerwise_invariant(net, fixture_data64):
+    X, y = fixture_data64
+    a = quotient_sharpness(net, (X, y), tol=TIGHT)
+    b = quotient_sharpness(rescaled(net, "L"), (X, y), tol=TIGHT)
+    assert rel(b, a) <= 1e-9
+
+
+def test_t4_quotient_sharpness_not_neuronwise_invariant(net, fixture_data64):
+    """R3, a documented limitation: a per-tensor D cannot absorb per-unit scalings."""
+    X, y = fixture_data64
+    a = quotient_sharpness(net, (X, y), tol=TIGHT)
+    b = quotient_sharpness(rescaled(net, "N"), (X, y), tol=TIGHT)
+    assert max(a / b, b / a) >= 2.0
+
+
+@pytest.mark.parametrize("how", ["L", "N"])
+def test_t5_adaptive_quadratic_invariant(net, fixture_data64, how):
+    X, y = fixture_data64
+    a = adaptive_sharpness(net, (X, y), tol=TIGHT)
+    assert rel(adaptive_sharpness(rescaled(net, how), (X, y), tol=TIGHT), a) <= 1e-10
+
+
+def test_t10_dinh_alpha(trained_mlp64, fixture_data64):
+    """R5: T_α leaves the function, λ_R and the adaptive form put, while the Euclidean λ_max is
+    at least α² × the top eigenvalue of the (W, b) block of the layer divided by α."""
+    X, y = fixture_data64
+    block = dense_hessian(trained_mlp64, X, y, names={"2.weight", "2.bias"})
+    lam_block = float(torch.linalg.eigvalsh(block)[-1])
+    lam_r = quotient_sharpness(trained_mlp64, (X, y), tol=TIGHT)
+    ada = adaptive_sharpness(trained_mlp64, (X, y), tol=TIGHT)
+    for alpha in (1.0, 10.0, 100.0):
+        net = dinh_alpha_rescale(trained_mlp64, alpha)  # weight layer 1 ÷ α, layer 2 × α
+        assert float((net(X) - trained_mlp64(X)).abs().max()) <= 1e-12
+        lam = hessian_max_eigenvalue(net, (X, y), tol=TIGHT)
+        assert lam >= alpha**2 * lam_block * (1 - 1e-9)
+        assert rel(quotient_sharpness(net, (X, y), tol=TIGHT), lam_r) <= 1e-9
+        assert rel(adaptive_sharpness(net, (X, y), tol=TIGHT), ada) <= 1e-9
+    assert lam >= 1e4 * lam_block * (1 - 1e-9) > 100 * hessian_max_eigenvalue(trained_mlp64, (X, y))
+
+
+def test_float32_close_to_float64(trained_mlp64, fixture_data64):
+    X, y = fixture_data64
+    net32 = copy.deepcopy(trained_mlp64).float()
+    for f, kw in [
+        (hessian_max_eigenvalue, {"tol": 1e-6}),
+        (hessian_trace, {}),
+        (quotient_sharpness, {"tol": 1e-6}),
+        (adaptive_sharpness, {"tol": 1e-6}),
+    ]:
+        v32 = f(net32, (X.float(), y), **kw)
+        assert isinstance(v32, float)
+        assert rel(v32, f(trained_mlp64, (X, y), **kw)) <= 1e-3, f.__name__
+
+
+# --- worst-case adaptive sharpness ------------------------------------------------------------
+
+
+def _loss_at(model, X, y, flat_delta):
+    ps, i = {}, 0
+    for n, p in model.named_parameters():
+        ps[n] = p.detach() + flat_delta[i : i + p.numel()].view(p.shape)
+        i += p.numel()
+    return float(nn.functional.cross_entropy(functional_call(model, ps, (X,)), y))
+
+
+@pytest.mark.parametrize("p", [2, "inf"])
+def test_worst_case_beats_random_search_and_is_monotone(net, fixture_data64, p):
+    X, y = fixture_data64
+    rhos = [1e-3, 1e-2, 5e-2] if p == 2 else [2e-4, 2e-3, 8e-3]
+    vals = [adaptive_sharpness(net, (X, y), kind="worst_case", rho=r, p=p) for r in rhos]
+    assert all(v >= 0 for v in vals)
+    assert vals[0] < vals[1] < vals[2]
+    # Brute force: 100 random points on the boundary of the ball must not beat the ascent.
+    c = tensor_scale(net, "C")
+    L0 = _loss_at(net, X, y, torch.zeros_like(c))
+    g = torch.Generator().manual_seed(1)
+    for rho, v in zip(rhos, vals, strict=True):
+        best = 0.0
+        for _ in range(100):
+            z = torch.randn(c.numel(), generator=g, dtype=torch.float64)
+            z = rho * (z / z.norm() if p == 2 else z.sign())
+            best = max(best, _loss_at(net, X, y, c * z) - L0)
+        assert v >= best
+
+
+def _trust_region_max(g: torch.Tensor, M: torch.Tensor, rho: float) -> float:
+    """max gᵀγ + ½γᵀMγ over ‖γ‖ ≤ ρ (the trust-region subproblem, boundary case, M with a positive
+    eigenvalue): γ = (μI − M)⁻¹g with μ > λ_max(M) chosen by bisection so that ‖γ‖ = ρ."""
+    e, U = torch.linalg.eigh(M)
+    gt = U.T @ g
+    lo, hi = float(e[-1]), float(e[-1]) + float(g.norm()) / rho + 1.0
+    for _ in range(200):
+        mu = (lo + hi) / 2
+        lo, hi = (mu, hi) if float((gt / (mu - e)).norm()) > rho else (lo, mu)
+    gam = gt / (mu - e)
+    return float(gt @ gam + 0.5 * (gam * e * gam).sum())
+
+
+def test_worst_case_small_rho_matches_quadratic_model(fixture_data64):
+    """At small ℓ2 radius, max L(w + δ) − L(w) over ‖δ ⊘ |w|‖ ≤ ρ equals the maximum of its
+    second-order model over the ball, up to the cubic remainder. A smooth (tanh) net, near a
+    minimum: ReLU kinks break Taylor models (on the ReLU fixture a unit flips at ρ ≈ 1e-4)."""
+    X, y = fixture_data64
+    torch.manual_seed(0)  # nn.Linear's default init, test-side only
+    net = nn.Sequential(nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 4)).double()
+    train_full_batch(net, X, y, steps=150, lr=0.5)
+    c = tensor_scale(net, "C")
+    net2 = copy.deepcopy(net)
+    grad = torch.autograd.grad(nn.functional.cross_entropy(net2(X), y), list(net2.parameters()))
+    g = c * torch.cat([t.reshape(-1) for t in grad])
+    M = c[:, None] * dense_hessian(net, X, y) * c[None, :]
+    for rho in (1e-3, 3e-3):
+        v = adaptive_sharpness(net, (X, y), kind="worst_case", rho=rho, p=2)
+        best = _trust_region_max(g, M, rho)
+        assert rel(v, best) <= 1e-4
+        # The linear term ρ‖g‖ dominates here; the second-order excess must match too.
+        lin = rho * float(g.norm())
+        assert rel(v - lin, best - lin) <= 2e-2
+
+
+# --- contract: mode, parameters, errors -------------------------------------------------------
+
+
+def test_mode_restored_params_unchanged(fixture_data64):
+    X, y = fixture_data64
+    net = nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Dropout(0.3), nn.Linear(8, 4)).double()
+    net.train()
+    snap = snapshot(net)
+    ref = dense_top(net, X, y)  # dropout off (eval)
+    assert rel(hessian_max_eigenvalue(net, (X, y), tol=TIGHT), ref) <= 1e-9
+    for f, kw in [
+        (hessian_trace, {}),
+        (hessian_trace, {"num_probes": 6}),
+        (quotient_sharpness, {"normalized": True}),
+        (adaptive_sharpness, {}),
+        (adaptive_sharpness, {"kind": "worst_case", "rho": 0.1}),
+    ]:
+        f(net, (X, y), **kw)
+        assert net.training and net[2].training, f.__name__
+        assert unchanged(net, snap), f.__name__
+
+
+def test_data_forms_agree(trained_mlp64, fixture_data64):
+    X, y = fixture_data64
+    batches = [(X[i : i + 20], y[i : i + 20]) for i in range(0, 64, 20)]
+    for f in (hessian_max_eigenvalue, quotient_sharpness, adaptive_sharpness):
+        assert (
+            rel(f(trained_mlp64, batches, tol=TIGHT), f(trained_mlp64, (X, y), tol=TIGHT)) <= 1e-9
+        )
+    assert rel(hessian_trace(trained_mlp64, batches), hessian_trace(trained_mlp64, (X, y))) <= 1e-12
+
+
+def test_bad_input(trained_mlp64, fixture_data64):
+    X, y = fixture_data64
+    Xnan = X.clone()
+    Xnan[3, 1] = float("inf")
+    for f in (hessian_max_eigenvalue, hessian_trace, quotient_sharpness, adaptive_sharpness):
+        with pytest.raises(ValueError, match="empty"):
+            f(trained_mlp64, (X[:0], y[:0]))
+        with pytest.raises(ValueError, match="samples"):
+            f(trained_mlp64, (X, y[:5]))
+        with pytest.raises(ValueError, match="not finite"):
+            f(trained_mlp64, (Xnan, y))
+    with pytest.raises(ValueError, match="not finite"):
+        adaptive_sharpness(trained_mlp64, (Xnan, y), kind="worst_case")
+    with pytest.raises(ValueError, match="method"):
+        hessian_max_eigenvalue(trained_mlp64, (X, y), method="power")
+    with pytest.raises(ValueError, match="kind"):
+        adaptive_sharpness(trained_mlp64, (X, y), kind="average")
+    with pytest.raises(ValueError, match="p must"):
+        adaptive_sharpness(trained_mlp64, (X, y), kind="worst_case", p=1)
+    with pytest.raises(ValueError, match="epsilon"):
+        quotient_sharpness(trained_mlp64, (X, y), epsilon=1e-3)
+    with pytest.raises(ValueError, match="eta"):
+        adaptive_sharpness(trained_mlp64, (X, y), eta=-1.0)
