@@ -304,7 +304,7 @@ def _pyhessian_rows(ctx, name: str) -> list[Row]:
             ours_t,
             ref_t,
             agreement=(
-                f"stderr {se:.3g} vs {pyh_se:.3g} (≥ 2× smaller); |err| {abs(tr - exact):.3g} vs "
+                f"stderr {se:.3g} vs {pyh_se:.3g} (≥ 2× smaller); abs err {abs(tr - exact):.3g} vs "
                 f"{abs(pyh_tr - exact):.3g} ({how} trace {exact:.5g})"
             ),
             agree_ok=se * 2 <= pyh_se,

@@ -115,15 +115,6 @@ def _logits_and_features(model: nn.Module, X: Tensor, layer: nn.Linear):
     return logits, captured[0].reshape(X.shape[0], -1)
 
 
-def sgd_step(model: nn.Module, opt, X: Tensor, y: Tensor) -> float:
-    """A plain SGD step: the unit the regulariser costs are measured in."""
-    opt.zero_grad(set_to_none=True)
-    loss = cross_entropy(model(X), y)
-    loss.backward()
-    opt.step()
-    return float(loss)
-
-
 def exact_trace_piecewise_linear(model: nn.Module, X: Tensor, y: Tensor, chunk: int = 32) -> float:
     """Exact Tr ∇²L for a net built from linear/conv layers and piecewise-linear activations and
     pooling (ReLU, max-pool), mean cross-entropy.
