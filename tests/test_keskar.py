@@ -56,7 +56,7 @@ def test_zero_start_at_an_exact_minimum_returns_zero():
 
 def test_zero_start_on_the_fixture(trained_mlp64, fixture_data64):
     """On the trained fixture (‖∇L‖ ≈ 4e-5) the zero start stops almost at once: ≈ 0 next to the
-    random start's value (measured 1e-7 vs 2e-5)."""
+    random start's value (measured 1.6e-7 vs 1.2e-5)."""
     zero = keskar_sharpness(trained_mlp64, fixture_data64, start="zero")
     rand = keskar_sharpness(trained_mlp64, fixture_data64, start="random")
     assert 0 <= zero <= 0.05 * rand
@@ -99,22 +99,24 @@ def test_float32_model_gives_a_float(fixture_data64):
     assert isinstance(value, float) and value > 0
 
 
-def test_layerwise_rescaling_changes_it(trained_mlp64, fixture_data64):
-    """Documented non-invariance (T12): the +1 in ε(|θ_i| + 1) is not scale-aware. Paired by seed,
-    since the random start alone moves the value by ≈ ±40% on this fixture."""
-    rescaled = layerwise_rescale(trained_mlp64, LAYERWISE_FACTORS)
-    for s in SEEDS:
-        base = keskar_sharpness(trained_mlp64, fixture_data64, seed=s)
-        assert keskar_sharpness(rescaled, fixture_data64, seed=s) > 1.3 * base
+def _mean_over_seeds(model, data) -> float:
+    return sum(keskar_sharpness(model, data, seed=s) for s in range(8)) / 8
 
 
-def test_neuronwise_rescaling_changes_it(trained_mlp64, fixture_data64):
-    """Reciprocals of the §10 scales, λ_j = 1/linspace(0.2, 5, 6) (measured ×1.4–3.7 over 8 seeds);
-    with the §10 scales themselves the change is of either sign (×0.8–2.7), so not asserted."""
-    rescaled = neuronwise_rescale(trained_mlp64, 1, 1 / neuron_scales())
-    for s in SEEDS:
-        base = keskar_sharpness(trained_mlp64, fixture_data64, seed=s)
-        assert keskar_sharpness(rescaled, fixture_data64, seed=s) > 1.3 * base
+@pytest.mark.parametrize(
+    "transform",
+    [
+        lambda m: layerwise_rescale(m, LAYERWISE_FACTORS),
+        lambda m: neuronwise_rescale(m, 1, neuron_scales()),
+    ],
+    ids=["layerwise", "neuronwise"],
+)
+def test_rescaling_changes_it(transform, trained_mlp64, fixture_data64):
+    """Documented non-invariance (T12): the +1 in ε(|θ_i| + 1) is not scale-aware. The random start
+    alone moves one value by ≈ ±40% on this fixture (and a single seed can go either way), so
+    the means over 8 seeds are compared (measured ×1.9 layer-wise, ×1.7 neuron-wise)."""
+    base = _mean_over_seeds(trained_mlp64, fixture_data64)
+    assert _mean_over_seeds(transform(trained_mlp64), fixture_data64) > 1.3 * base
 
 
 def test_dinh_alpha_makes_it_arbitrarily_large(trained_mlp64, fixture_data64):
