@@ -171,21 +171,13 @@ def test_adaptive_quadratic_matches_dense(net, fixture_data64):
 
 
 @pytest.mark.parametrize("how", ["L", "N"])
-def test_t2_euclidean_measures_have_teeth(random_mlp64, fixture_data64, how):
-    """T2/R2 at random init: λ_max and Tr H change ≥ 2× under both rescalings. (On the trained
-    fixture the top eigenvector is ≈ 100% the output bias, which neither rescaling touches, so
-    λ_max moves by only ~4e-5 there; the trace still changes under L.)"""
+def test_t2_euclidean_measures_have_teeth(net, fixture_data64, how):
+    """T2/R2: λ_max and Tr H change ≥ 2× under both function-preserving rescalings."""
     X, y = fixture_data64
-    other = rescaled(random_mlp64, how)
+    other = rescaled(net, how)
     for f, kw in [(hessian_max_eigenvalue, {"tol": 1e-8}), (hessian_trace, {})]:
-        a, b = f(random_mlp64, (X, y), **kw), f(other, (X, y), **kw)
+        a, b = f(net, (X, y), **kw), f(other, (X, y), **kw)
         assert max(a / b, b / a) >= 2.0, f.__name__
-
-
-def test_t2_trace_changes_on_trained_fixture(trained_mlp64, fixture_data64):
-    X, y = fixture_data64
-    a = hessian_trace(trained_mlp64, (X, y))
-    assert hessian_trace(rescaled(trained_mlp64, "L"), (X, y)) / a >= 1.5
 
 
 def test_t3_quotient_sharpness_layerwise_invariant(net, fixture_data64):
@@ -228,9 +220,15 @@ def test_t10_dinh_alpha(trained_mlp64, fixture_data64):
     assert lam >= 1e4 * lam_block * (1 - 1e-9) > 100 * hessian_max_eigenvalue(trained_mlp64, (X, y))
 
 
-def test_float32_close_to_float64(trained_mlp64, fixture_data64):
+def test_float32_close_to_float64(net, trained_mlp64, fixture_data64):
+    """float32 within 1e-3 of float64 where the loss is O(1). At the memorised minimum the CE
+    curvature p(1 − p) rests on 1 − p ≈ L ≈ 1.6e-5, resolved by float32 only to ≈ eps32/L; the
+    bound there is 2·eps32/L (≈ 1.5e-2) instead."""
     X, y = fixture_data64
-    net32 = copy.deepcopy(trained_mlp64).float()
+    L = float(nn.functional.cross_entropy(net(X), y).detach())
+    bound = 1e-3 if net is not trained_mlp64 else 2 * torch.finfo(torch.float32).eps / L
+    assert bound < 0.05
+    net32 = copy.deepcopy(net).float()
     for f, kw in [
         (hessian_max_eigenvalue, {"tol": 1e-6}),
         (hessian_trace, {}),
@@ -239,7 +237,7 @@ def test_float32_close_to_float64(trained_mlp64, fixture_data64):
     ]:
         v32 = f(net32, (X.float(), y), **kw)
         assert isinstance(v32, float)
-        assert rel(v32, f(trained_mlp64, (X, y), **kw)) <= 1e-3, f.__name__
+        assert rel(v32, f(net, (X, y), **kw)) <= bound, f.__name__
 
 
 # --- worst-case adaptive sharpness ------------------------------------------------------------

@@ -8,6 +8,7 @@ device; the model's parameters are never changed.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -52,6 +53,13 @@ def _lambda_max(op: HessianOperator, scale: Tensor | None, tol, seed, method) ->
             seed=seed,
             device=op.device,
             dtype=op.dtype,
+        )
+    if not res.converged:
+        warnings.warn(
+            f"Lanczos did not reach tol={tol} in {res.num_matvecs} steps; the top eigenvalue "
+            "may be inaccurate (raise tol or use method='eigsh')",
+            RuntimeWarning,
+            stacklevel=3,
         )
     return float(res.eigenvalues[0])
 
@@ -119,7 +127,7 @@ def hessian_trace(
     with op:
         if num_probes is None and n <= exact_max_params:
             eye = torch.eye(n, dtype=op.dtype, device=op.device)
-            value = float(sum(op.matvec(e)[i] for i, e in enumerate(eye)))
+            value = sum(float(op.matvec(e)[i]) for i, e in enumerate(eye))
             stderr = 0.0
         else:
             gen = torch.Generator().manual_seed(int(seed))
