@@ -75,12 +75,14 @@ def test_lanczos_seeded_and_deterministic():
 
 
 def test_lanczos_relation_and_breakdown():
-    A = spd(n=30)
-    v0 = torch.randn(30, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    alpha, beta, Q, m = lanczos_tridiagonal(lambda v: A @ v, v0, 12)
+    A = spd(n=70)
+    v0 = torch.randn(70, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    alpha, beta, Q, m = lanczos_tridiagonal(lambda v: A @ v, v0, 45)  # past the 32-row buffer
+    assert m == 45 and Q.shape == (45, 70)
     T = torch.diag(alpha) + torch.diag(beta[:-1], 1) + torch.diag(beta[:-1], -1)
-    assert torch.allclose(Q @ Q.T, torch.eye(12, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(Q @ Q.T, torch.eye(45, dtype=torch.float64), atol=1e-12)
     assert torch.allclose(Q @ A @ Q.T, T, atol=1e-12)
+    v0 = v0[:30]
     # Three distinct eigenvalues: the Krylov space closes after 3 steps, eigenvalues exact.
     B = sym_matrix([1.0] * 10 + [2.0] * 10 + [5.0] * 10)
     alpha, beta, _, m = lanczos_tridiagonal(lambda v: B @ v, v0, 30)

@@ -150,6 +150,7 @@ class HessianOperator:
                 loss, self.params, create_graph=True, allow_unused=True, materialize_grads=True
             )
             yield loss, grads
+            del loss, grads  # drop this chunk's graph before the next forward
 
     def _hvp_of(self, grads: Sequence[Tensor], vs: Sequence[Tensor], retain: bool) -> list[Tensor]:
         terms = [(g * v).sum() for g, v in zip(grads, vs, strict=True) if g.requires_grad]

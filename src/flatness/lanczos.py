@@ -59,7 +59,8 @@ def lanczos_tridiagonal(
     """
     n = v0.numel()
     num_steps = min(int(num_steps), n)
-    Q = torch.zeros(num_steps, n, dtype=v0.dtype, device=v0.device)
+    # Grown by doubling: most runs stop long before num_steps, and n can be millions.
+    Q = torch.zeros(min(num_steps, 32), n, dtype=v0.dtype, device=v0.device)
     nrm = torch.linalg.vector_norm(v0)
     if not nrm > 0:
         raise ValueError("Lanczos start vector is zero")
@@ -68,6 +69,8 @@ def lanczos_tridiagonal(
     betas: list[float] = []
     scale = 0.0  # running estimate of ‖A‖ for the breakdown test
     for j in range(num_steps):
+        if j == Q.shape[0]:
+            Q = torch.cat([Q, torch.zeros_like(Q[: min(Q.shape[0], num_steps - j)])])
         Q[j] = q
         w = matvec(q).reshape(-1).to(dtype=v0.dtype)
         if not torch.isfinite(w).all():
