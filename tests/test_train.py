@@ -148,7 +148,7 @@ def test_every_regularizer_trains(tmp_path, name):
 
 
 def test_float64_run_and_lenet_on_mnist5k_subset(tmp_path):
-    m = train_run(small(epochs=1, dtype="float64"), tmp_path / "f64")
+    m = train_run(small(epochs=1, dtype="float64", deterministic=True), tmp_path / "f64")
     assert load_model(tmp_path / "f64" / "model.pt").state_dict()["1.weight"].dtype == torch.float64
     cfg = small(epochs=1, data={"name": "mnist5k", "n_train": 128, "n_test": 64, "augment": False},
                 model={"name": "lenet5"})  # fmt: skip
