@@ -138,14 +138,11 @@ def _fam_terms(model, X, y, variant: str, loss_fn: LossFn | None) -> tuple[Tenso
         loss = default_loss(logits, y)
         if variant == "full":
             return loss, kappa_tr_ce_per_sample(phi, W, logits).mean() / m
-        # Tr H_{ss'} = mean_i (A_i)_{ss'} ‖φ_i‖², A_i = diag(p_i) − p_i p_iᵀ (METHODS §3.2), held
-        # constant: the gradient is (C + Cᵀ)W and nothing reaches the features (as released).
-        with torch.no_grad():
-            p = torch.softmax(logits.reshape(-1, W.shape[0]), dim=-1)  # (N, d)
-            sq = (phi * phi).sum(dim=1)  # (N,)  ‖φ_i‖²
-            # C = Σ_i ‖φ_i‖² (diag p_i − p_i p_iᵀ) / (N m), without forming the N×d×d stack
-            C = (torch.diag(sq @ p) - (p * sq[:, None]).T @ p) / (p.shape[0] * m)  # (d, d)
-        return loss, (W @ W.T * C).sum()
+        # As released: the curvature Tr H_{ss'} is a constant. Detaching φ and p but not W keeps
+        # that exactly: with the p_i fixed, the closed form ½Σ_{cc'} p_c p_c'‖w_c − w_c'‖² equals
+        # Σ_{ss'} C_{ss'}⟨w_s, w_s'⟩ (the rows of C sum to 0) for every W, so ∇_W R = (C + Cᵀ)W,
+        # nothing reaches the features, and the pairwise form avoids float32 cancellation.
+        return loss, kappa_tr_ce_per_sample(phi.detach(), W, logits.detach()).mean() / m
     # Any other loss: the exact Hessian of the batch loss w.r.t. W, layout (d, m, d, m) (§4.2).
     bias = layer.bias
     if not torch.allclose(logits, nn.functional.linear(phi, W, bias).reshape(logits.shape)):
