@@ -210,6 +210,7 @@ def test_runs_table_has_contract_columns_and_measure_values():
     assert table.set_index("run_id").loc["b", "euclid"] == 3.0
     hist = an.history_table(runs, metrics)
     assert list(hist["run_id"]) == ["a", "b"] and "train_loss" in hist
+    assert list(hist["lr"]) == [1, 2] and list(hist["epoch_lr"]) == [0.3, 0.3]
 
 
 def test_findings_sentences_follow_the_numbers():

@@ -31,6 +31,7 @@ OUTCOMES = (
     "steps",
     "wall_time_s",
     "status",
+    "stopped_by",
 )
 GAPS = ("gap_loss", "gap_acc")
 
@@ -78,6 +79,8 @@ def history_table(
     """Training curves in long form: run id, grid axes, then one row per history record.
 
     ``history`` in metrics.json may be a list of per-epoch dicts or a dict of equal-length lists.
+    A history key that clashes with a grid axis (the trainer's per-epoch ``lr``, the scaled and
+    scheduled rate) is renamed ``epoch_<key>``.
     """
     frames = []
     for r in runs:
@@ -85,6 +88,9 @@ def history_table(
         frame = pd.DataFrame(hist)
         if frame.empty:
             continue
+        frame = frame.rename(
+            columns={k: f"epoch_{k}" for k in frame.columns if k in ("run_id", *AXES)}
+        )
         if "epoch" not in frame:
             frame.insert(0, "epoch", np.arange(1, len(frame) + 1))
         for key in reversed(["run_id", *AXES]):
@@ -408,16 +414,16 @@ def findings(
             )
             continue
         sign = sharpness_sign(functions.get(row["measure"], row["measure"]))
-        agrees = sign * row["tau"] > 0
         sig = "significant" if row["p_value"] < significance else "not significant"
+        if row["tau"] == 0:
+            direction = "no rank association between sharpness and the gap."
+        elif sign * row["tau"] > 0:
+            direction = "sharper went with a larger gap, as 'flat minima generalise' predicts."
+        else:
+            direction = "sharper went with a smaller gap, against 'flat minima generalise'."
         out.append(
             f"{row['measure']} vs {row['gap']}: τ = {_fmt(row['tau'])} (p = {_fmt(row['p_value'])}, "
-            f"{sig}, n = {row['n']}); "
-            + (
-                "sharper went with a larger gap, as 'flat minima generalise' predicts."
-                if agrees
-                else "sharper went with a smaller or equal gap, against 'flat minima generalise'."
-            )
+            f"{sig}, n = {row['n']}); {direction}"
         )
     psi = granulated[granulated["axis"] == "Psi"] if not granulated.empty else granulated
     for _, row in psi.iterrows():

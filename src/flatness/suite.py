@@ -318,13 +318,6 @@ def training_subset(
     return X[idx], y[idx]
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` → cuda when available, else cpu."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
 def measure_run(
     model: nn.Module,
     train: tuple[torch.Tensor, torch.Tensor],
@@ -342,6 +335,8 @@ def measure_run(
     if status != "ok":
         return skipped_rows(run_id, specs, variants, f"not measured: training status {status}")
     dtype = getattr(torch, measure_cfg.get("dtype", "float64"))
+    from flatness.train import resolve_device
+
     device = resolve_device(measure_cfg.get("device", "auto"))
     X, y = training_subset(*train, int(measure_cfg["n_samples"]), int(measure_cfg["subset_seed"]))
     model = model.to(device=device, dtype=dtype).eval()

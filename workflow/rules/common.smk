@@ -1,5 +1,7 @@
 # Validation, the run table and small input/param helpers shared by every stage.
+import os
 import re
+import sys
 
 from flatness.suite import (
     batch_pairs,
@@ -10,7 +12,16 @@ from flatness.suite import (
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
+# Shell rules (papermill) use the environment Snakemake runs in, even when it is not activated;
+# a conda env activated by --sdm conda is put in front of this at job time.
+os.environ["PATH"] = os.pathsep.join(
+    [os.path.dirname(sys.executable), os.environ["PATH"]]
+)
+
 validate(config, "../schemas/config.schema.yaml")
+
+# `snakemake --report report/report.html` does not create the folder (9.27.1); DESIGN contract 3.
+os.makedirs("report", exist_ok=True)
 
 try:
     RUNS = expand_grid(config)
@@ -61,8 +72,13 @@ def pair_data(wildcards):
 
 
 def notebook(name):
-    """Absolute path of a figure notebook, so runs with --directory still find it."""
-    return workflow.source_path(f"../notebooks/{name}.py.ipynb")
+    """Path of a figure notebook relative to the working directory (runs with --directory find it).
+
+    Not workflow.source_path: that gives a per-invocation cache path, so the `params` of every
+    figure job changed on each run and `-n` was never clean.
+    """
+    path = os.path.join(workflow.basedir, "workflow", "notebooks", f"{name}.py.ipynb")
+    return os.path.relpath(path)
 
 
 def report_inputs():

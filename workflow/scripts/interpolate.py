@@ -10,7 +10,7 @@ from flatness.config import DataConfig
 from flatness.data import load_dataset
 from flatness.models import load_model
 from flatness.slices import interpolate_loss
-from flatness.suite import resolve_device
+from flatness.train import resolve_device
 
 sm = snakemake  # noqa: F821
 sys.stderr = sys.stdout = open(sm.log[0], "w")
