@@ -237,3 +237,29 @@ def test_training_subset_is_fixed_and_sized():
     assert torch.equal(a[0], b[0]) and a[0].shape == (10, 1)
     assert torch.equal(a[0].view(-1).long(), a[1])
     assert training_subset(X, y, 1000, seed=0)[0].shape[0] == 100
+
+
+def test_grid_exclude_couples_optimizer_settings_to_batch_sizes_and_pairs_across_them():
+    cfg = study(optimizer=["sgd_sb", "sgd_lb"], regularizer=["none"], seed=[0])
+    cfg["optimizers"] = {
+        "sgd_sb": {"name": "sgd", "momentum": 0.9},
+        "sgd_lb": {"name": "sgd", "momentum": 0.99},
+    }
+    cfg["grid"]["exclude"] = [
+        {"optimizer": "sgd_sb", "batch_size": 256, "seed": None},
+        {"optimizer": "sgd_lb", "batch_size": 16},
+    ]
+    runs = expand_grid(cfg)
+    assert sorted(r.run_id for r in runs) == [
+        "digits-mlp-sgd_lb-none-bs256-lr0.05-s0",
+        "digits-mlp-sgd_sb-none-bs16-lr0.05-s0",
+    ]
+    assert batch_pairs(runs) == []
+    (pair,) = batch_pairs(runs, across=["optimizer"])
+    assert (pair.small, pair.large) == (
+        "digits-mlp-sgd_sb-none-bs16-lr0.05-s0",
+        "digits-mlp-sgd_lb-none-bs256-lr0.05-s0",
+    )
+    cfg["grid"]["exclude"] = [{"optimizer": "adam"}]
+    with pytest.raises(ValueError, match=r"grid.exclude\[0\].optimizer"):
+        expand_grid(cfg)

@@ -87,9 +87,20 @@ def expand_grid(config: Mapping[str, Any]) -> list[Run]:
                     f"grid.{axis} names {key!r}, which is not a key of {section!r} "
                     f"(known: {sorted(config.get(section, {}))})"
                 )
+    excluded = [{a: v for a, v in e.items() if v is not None} for e in grid.get("exclude", [])]
+    for i, rule in enumerate(excluded):
+        if not rule:
+            raise ValueError(f"grid.exclude[{i}] names no axis value")
+        for axis, value in rule.items():
+            if value not in grid[axis]:
+                raise ValueError(
+                    f"grid.exclude[{i}].{axis} = {value!r} is not one of grid.{axis} {grid[axis]}"
+                )
     runs = []
     for values in itertools.product(*(grid[a] for a in AXES)):
         axes = dict(zip(AXES, values, strict=True))
+        if any(all(axes[a] == v for a, v in rule.items()) for rule in excluded):
+            continue
         optimizer = dict(config["optimizers"][axes["optimizer"]], lr=float(axes["lr"]))
         raw = dict(
             config.get("training", {}),
@@ -103,6 +114,8 @@ def expand_grid(config: Mapping[str, Any]) -> list[Run]:
         resolved = RunConfig.from_dict(raw).to_dict()
         runs.append(Run(make_run_id(axes), axes, resolved))
     ids = [r.run_id for r in runs]
+    if not runs:
+        raise ValueError("grid.exclude removes every run; the study would be empty")
     if len(set(ids)) != len(ids):
         raise ValueError("two grid points give the same run id; make the grid ids distinct")
     return runs
@@ -117,11 +130,16 @@ class Pair:
     large: str
 
 
-def batch_pairs(runs: Sequence[Run]) -> list[Pair]:
-    """For each group of runs equal on every axis but batch size: (smallest, largest) batch."""
+def batch_pairs(runs: Sequence[Run], across: Sequence[str] = ()) -> list[Pair]:
+    """For each group of runs equal on every axis but batch size: (smallest, largest) batch.
+
+    Axes in ``across`` are ignored too (e.g. ``optimizer`` when each batch size has its own
+    optimizer settings, excluded from the other via ``grid.exclude``); the pair id then names
+    the small-batch run's values.
+    """
     groups: dict[tuple, list[Run]] = {}
     for r in runs:
-        key = tuple(r.axes[a] for a in AXES if a != "batch_size")
+        key = tuple(r.axes[a] for a in AXES if a != "batch_size" and a not in across)
         groups.setdefault(key, []).append(r)
     pairs = []
     for members in groups.values():

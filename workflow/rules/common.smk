@@ -31,7 +31,11 @@ except ValueError as err:
 
 RUN_BY_ID = {r.run_id: r for r in RUNS}
 RUN_IDS = sorted(RUN_BY_ID)
-PAIRS = batch_pairs(RUNS) if config["interpolation"]["enabled"] else []
+PAIRS = (
+    batch_pairs(RUNS, config["interpolation"]["pair_across"])
+    if config["interpolation"]["enabled"]
+    else []
+)
 PAIR_BY_ID = {p.pair_id: p for p in PAIRS}
 MEASURE_LABELS = [s.label for s in MEASURE_SPECS]
 VARIANT_NAMES = [v.name for v in variants_from_config(config["measure"])]
