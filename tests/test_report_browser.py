@@ -10,6 +10,7 @@ A screenshot of the same walk (ending on the first figure) is kept under tests/a
 
 from __future__ import annotations
 
+import ast
 import html
 import json
 import os
@@ -22,6 +23,8 @@ import zlib
 from pathlib import Path
 
 import pytest
+
+from tests.workflow_helpers import tiny_study  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "tests" / "artifacts"
@@ -206,3 +209,81 @@ def test_png_stats_tells_blank_from_content(tmp_path):
     write_png(tmp_path / "lines.png", [bytes([i]) * 30 for i in range(10)])
     assert png_stats(tmp_path / "blank.png") == (10, 10, 1)
     assert png_stats(tmp_path / "lines.png") == (10, 10, 10)
+
+
+def declared_report_items() -> list[dict]:
+    """Every ``report(...)`` declared in workflow/rules/*.smk: its path, category and labels."""
+    items = []
+    for smk in sorted((REPO / "workflow" / "rules").glob("*.smk")):
+        text = smk.read_text()
+        for m in re.finditer(r"\breport\(", text):
+            depth, i = 1, m.end()
+            while depth:  # the call's text up to its matching parenthesis
+                depth += {"(": 1, ")": -1}.get(text[i], 0)
+                i += 1
+            call = text[m.end() : i - 1]
+            path = re.match(r'\s*"([^"]+)"', call)
+            category = re.search(r'category\s*=\s*"([^"]+)"', call)
+            labels = re.search(r"labels\s*=\s*(\{[^}]*\})", call)
+            if path is None:  # report: "workflow.rst" at top level, not a result
+                continue
+            items.append(
+                {
+                    "path": path.group(1),
+                    "category": category.group(1) if category else "Other",
+                    "labels": ast.literal_eval(labels.group(1)) if labels else {},
+                    "where": smk.name,
+                }
+            )
+    return items
+
+
+def test_declared_report_items_are_found():
+    items = declared_report_items()
+    assert {i["category"] for i in items} >= {"Figures", "Tables"}
+    assert all(i["labels"] for i in items), "every reported item should carry labels"
+
+
+def test_report_renders_every_declared_figure_and_table(tiny_study):  # noqa: F811
+    require(chromium_binary() is not None, "Debian's chromium is not installed")
+    report = tiny_study.report_html
+    assert report.is_file()
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    screenshot = ARTIFACTS / "report.png"
+    screenshot.unlink(missing_ok=True)
+    seen = render(report, screenshot)
+    (ARTIFACTS / "report_probe.json").write_text(json.dumps(seen, indent=2))
+    assert not seen["errors"], seen["errors"]
+
+    # What the study produced and declared for the report (items whose file exists).
+    expected = [i for i in declared_report_items() if (tiny_study.workdir / i["path"]).exists()]
+    assert len(expected) >= 8, expected
+    categories = sorted({i["category"] for i in expected})
+    # The side bar lists each category once, under the General entries.
+    assert seen["menu"][:3] == ["Workflow", "Statistics", "About"], seen["menu"]
+    assert sorted(seen["menu"][3:]) == categories, seen["menu"]
+
+    # Each category's rendered table: one row per reported file, showing its label values,
+    # under column headers named after the label keys.
+    for cat in categories:
+        views = [v for v in seen["views"] if v["path"][0] == cat]
+        assert views, f"category {cat!r} rendered nothing"
+        rows = [tuple(c for c in row if c) for v in views for row in v["rows"]]
+        headers = {h.lower() for v in views for h in v["headers"] if h}
+        want = [i for i in expected if i["category"] == cat]
+        assert len(rows) == len(want), (cat, rows, want)
+        for item in want:
+            values = tuple(item["labels"].values())
+            assert values in rows, f"{item['path']} ({values}) not listed under {cat}: {rows}"
+            assert {k.lower() for k in item["labels"]} <= headers, (cat, headers)
+
+    # Clicking a figure's "view" button shows the embedded PNG at its real size.
+    assert seen["images"], "no figure could be opened in the content pane"
+    img = seen["images"][0]
+    assert img["path"][0] == "Figures" and img["width"] >= 200 and img["height"] >= 150, img
+
+    # The screenshot (left on that figure) is a real, non-blank picture.
+    width, height, distinct_rows = png_stats(screenshot)
+    assert (width, height) == (1400, 1000)
+    assert distinct_rows > 100, f"screenshot looks blank ({distinct_rows} distinct rows)"
+    assert screenshot.stat().st_size > 20_000
