@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -217,3 +219,36 @@ def test_fold_batchnorm_check_has_teeth(conv_inputs):
 def test_fold_batchnorm_refuses_unfoldable(net, match):
     with pytest.raises(ValueError, match=match):
         fold_batchnorm(net)
+
+
+class _Residual(nn.Module):
+    """y = x + W2 relu(W1 x): the skip connection breaks every ReLU rescaling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+def test_branching_containers_are_refused():
+    """A folded ResNet has no BN left but still branches: rescaling it would change the function
+    silently (checked here by hand on a residual block), so the maps refuse custom containers."""
+    net = nn.Sequential(_Residual(), nn.ReLU(), nn.Linear(4, 2)).double()
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    # The hazard is real: the layer-wise map with a = (2, 1, 1/2), applied by hand (biases by the
+    # cumulative product), scales the body's output by 2 but not the skip path.
+    manual = copy.deepcopy(net)
+    with torch.no_grad():
+        manual[0].body[0].weight.mul_(2.0), manual[0].body[0].bias.mul_(2.0)
+        manual[0].body[2].bias.mul_(2.0)
+        manual[2].weight.mul_(0.5)
+    assert max_diff(net, manual, x) > 1e-3
+    for call in (
+        lambda m: layerwise_rescale(m, (2.0, 0.5, 1.0)),
+        lambda m: neuronwise_rescale(m, 0, torch.ones(4)),
+        lambda m: dinh_alpha_rescale(m, 10.0),
+    ):
+        with pytest.raises(ValueError, match="_Residual"):
+            call(net)

@@ -36,6 +36,20 @@ def _chain_layers(model: nn.Module) -> list[nn.Module]:
             f"model has normalisation layers ({', '.join(sorted(set(norms)))}), which break the ReLU "
             "rescaling symmetry; fold BatchNorm first (flatness.reparam.fold_batchnorm)"
         )
+    # A container with its own forward (a ResNet block) may add skip connections, which these
+    # maps do not preserve; BN folding removes the BN error but not the branch, so refuse here.
+    custom = sorted(
+        {
+            type(m).__name__
+            for m in model.modules()
+            if next(m.children(), None) is not None and not isinstance(m, nn.Sequential)
+        }
+    )
+    if custom:
+        raise ValueError(
+            f"model has containers with their own forward ({', '.join(custom)}), which may branch "
+            "(skip connections); the rescalings are function-preserving only on nn.Sequential chains"
+        )
     layers = weight_layers(model)
     if len(layers) < 2:
         raise ValueError(f"a rescaling needs at least 2 weight layers, the model has {len(layers)}")
