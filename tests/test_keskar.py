@@ -150,3 +150,8 @@ def test_bad_input_raises(kwargs, data, match, fixture_data64):
 def test_return_stderr_is_nan(fixture_data64):
     value, stderr = keskar_sharpness(make_mlp(seed=3), fixture_data64, return_stderr=True)
     assert value > 0 and math.isnan(stderr)
+
+
+def test_model_without_parameters_raises(fixture_data64):
+    with pytest.raises(ValueError, match="no parameters"):
+        keskar_sharpness(nn.Identity(), fixture_data64)

@@ -174,3 +174,9 @@ def test_pacbayes_bound_closed_form():
     assert pacbayes_bound(net, 1.0, 1, init=zero) == pytest.approx(1 / 4 + 10)
     with pytest.raises(ValueError, match="sigma"):
         pacbayes_bound(net, 0.0, 10)
+
+
+def test_model_without_parameters_raises(fixture_data64):
+    X, y = fixture_data64
+    with pytest.raises(ValueError, match="no parameters"):
+        pacbayes_sigma(nn.Flatten(), (X[:, :4], y))

@@ -18,6 +18,8 @@ class _FlatLoss:
     def __init__(self, model: nn.Module, batches: Batches, loss_fn: LossFn) -> None:
         self.model, self.batches, self.loss_fn = model, batches, loss_fn
         named = [(k, p.detach()) for k, p in model.named_parameters()]
+        if not named:
+            raise ValueError(f"{type(model).__name__} has no parameters to perturb")
         self.names = [k for k, _ in named]
         self.shapes = [p.shape for _, p in named]
         self.sizes = [p.numel() for _, p in named]

@@ -47,6 +47,8 @@ class _NoisyAccuracy:
     def __init__(self, model: nn.Module, batches: Batches, num_samples: int, seed: int) -> None:
         self.model, self.batches = model, batches
         self.theta = {k: p.detach() for k, p in model.named_parameters()}
+        if not self.theta:
+            raise ValueError(f"{type(model).__name__} has no parameters to perturb")
         g = torch.Generator().manual_seed(int(seed))
         self.draw_seeds = torch.randint(0, 2**62, (int(num_samples),), generator=g).tolist()
         first = next(iter(self.theta.values()))
