@@ -47,8 +47,9 @@ def _chain_layers(model: nn.Module) -> list[nn.Module]:
     )
     if custom:
         raise ValueError(
-            f"model has containers with their own forward ({', '.join(custom)}), which may branch "
-            "(skip connections); the rescalings are function-preserving only on nn.Sequential chains"
+            f"model has containers with their own forward ({', '.join(custom)}), which may "
+            "branch (skip connections); the rescalings preserve the function only on "
+            "nn.Sequential chains"
         )
     layers = weight_layers(model)
     if len(layers) < 2:

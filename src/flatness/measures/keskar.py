@@ -67,16 +67,17 @@ def keskar_sharpness(
     ``subspace_dim=None`` takes A = I (the full space); an integer p draws a random n×p matrix A
     with i.i.d. N(0, 1) entries from ``seed`` (memory n·p; A⁺θ by the normal equations, exact for
     a full-rank Gaussian A). The inner maximisation is scipy's L-BFGS-B on −L with its gradient
-    (``jac=True``), ``maxiter`` iterations (Keskar: 10; ≈ 10–25 loss + gradient evaluations) and
-    scipy's default stopping tolerances, as the paper's README prescribes.
+    (``jac=True``) and ``maxiter`` iterations, as the paper's README prescribes (Keskar: 10), with
+    scipy's default stopping tolerances otherwise.
 
     ``start="random"`` (default) starts from a uniform random point of C_ε drawn from ``seed``;
-    ``start="zero"`` starts at y = 0, where the gradient of a minimum is ≈ 0 so L-BFGS-B stops at
-    once and the value is ≈ 0 (the pitfall of METHODS.md §5; kept only to show it). The max is
+    ``start="zero"`` starts at y = 0, where the gradient of a minimum is ≈ 0, so L-BFGS-B's first
+    step gains almost nothing, its stopping rule fires and the value is ≈ 0 (the pitfall of
+    METHODS.md §5; kept only to show it). The max is
     taken over every point evaluated, y = 0 included, so the value is ≥ 0.
 
-    Cost: ≈ 10–25 loss + gradient evaluations (``maxiter=10``) plus scipy's per-call Python loop over the n bounds
-    (≈ 1 min per 10M parameters on one slow core); a subspace keeps scipy's vectors at p.
+    Cost: ≈ 10–25 loss + gradient evaluations (``maxiter=10``) plus scipy's per-call Python loop
+    over the n bounds (≈ 1 min per 10M parameters on one slow core); a subspace keeps it at p.
 
     Not reparameterisation-invariant: the +1 makes C_ε only partly scale-aware (METHODS.md §5).
     Deterministic for a given ``seed``. ``return_stderr=True`` returns ``(value, nan)``: one
