@@ -87,7 +87,7 @@ rule interpolate:
         "results/logs/interpolate/{pair}.log",
     conda:
         "../../envs/flatness.yaml"
-    threads: 2
+    threads: 1
     resources:
         mem_mb=4000,
         runtime=60,

@@ -11,7 +11,7 @@ rule measure:
         "results/logs/measure/{run}.log",
     conda:
         "../../envs/flatness.yaml"
-    threads: 2
+    threads: 1
     resources:
         mem_mb=lambda wc, attempt: 4000 * attempt,
         runtime=lambda wc, attempt: 120 * attempt,

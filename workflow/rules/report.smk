@@ -1,15 +1,17 @@
-# Figures: papermill notebooks that read only tables. Each notebook has a cell tagged
-# `parameters`, so it also runs standalone: papermill <nb> out.ipynb -p runs results/tables/...
+# Figures: papermill notebooks that read only tables. The notebook is an input, so editing it
+# redraws its figure; its cell tagged `parameters` lets it run standalone too:
+#   papermill workflow/notebooks/invariance.py.ipynb out.ipynb -p long results/tables/measures_long.csv
 
 
 PAPERMILL = (
-    "papermill {params.notebook} {log.notebook} -k python3 --log-level ERROR "
+    "papermill {input.notebook} {log.notebook} -k python3 --log-level ERROR "
     "{params.args} > {log.stderr} 2>&1"
 )
 
 
 rule fig_measures_by_batch:
     input:
+        notebook=notebook("measures_by_batch"),
         runs="results/tables/runs.csv",
         long="results/tables/measures_long.csv",
     output:
@@ -25,7 +27,6 @@ rule fig_measures_by_batch:
     conda:
         "../../envs/flatness.yaml"
     params:
-        notebook=notebook("measures_by_batch"),
         args=lambda wc, input, output: f"-p runs {input.runs} -p long {input.long} -p out {output}",
     shell:
         PAPERMILL
@@ -33,6 +34,7 @@ rule fig_measures_by_batch:
 
 rule fig_invariance:
     input:
+        notebook=notebook("invariance"),
         long="results/tables/measures_long.csv",
     output:
         report(
@@ -47,7 +49,6 @@ rule fig_invariance:
     conda:
         "../../envs/flatness.yaml"
     params:
-        notebook=notebook("invariance"),
         args=lambda wc, input, output: f"-p long {input.long} -p out {output}",
     shell:
         PAPERMILL
@@ -55,6 +56,7 @@ rule fig_invariance:
 
 rule fig_measure_vs_gap:
     input:
+        notebook=notebook("measure_vs_gap"),
         runs="results/tables/runs.csv",
         long="results/tables/measures_long.csv",
         kendall="results/tables/kendall.csv",
@@ -71,7 +73,6 @@ rule fig_measure_vs_gap:
     conda:
         "../../envs/flatness.yaml"
     params:
-        notebook=notebook("measure_vs_gap"),
         args=lambda wc, input, output: (
             f"-p runs {input.runs} -p long {input.long} -p kendall {input.kendall} -p out {output}"
         ),
@@ -81,6 +82,7 @@ rule fig_measure_vs_gap:
 
 rule fig_training_curves:
     input:
+        notebook=notebook("training_curves"),
         history="results/tables/history.csv",
     output:
         report(
@@ -95,7 +97,6 @@ rule fig_training_curves:
     conda:
         "../../envs/flatness.yaml"
     params:
-        notebook=notebook("training_curves"),
         args=lambda wc, input, output: f"-p history {input.history} -p out {output}",
     shell:
         PAPERMILL
@@ -103,6 +104,7 @@ rule fig_training_curves:
 
 rule fig_interpolation:
     input:
+        notebook=notebook("interpolation"),
         table="results/tables/interpolation.csv",
     output:
         report(
@@ -117,7 +119,6 @@ rule fig_interpolation:
     conda:
         "../../envs/flatness.yaml"
     params:
-        notebook=notebook("interpolation"),
         args=lambda wc, input, output: f"-p table {input.table} -p out {output}",
     shell:
         PAPERMILL

@@ -1,4 +1,6 @@
-# Training: one job per grid point. Checkpoints live in the undeclared results/ckpt/{run}/, so a
+# Training: one job per grid point. threads = the job's torch threads: 1 here, so two small jobs
+# share 2 cores without oversubscribing (process start-up and data loading are serial anyway);
+# profiles raise it (set-threads). Checkpoints live in the undeclared results/ckpt/{run}/, so a
 # retried or re-run job resumes instead of starting over (Snakemake deletes declared outputs).
 
 
@@ -11,7 +13,7 @@ rule train:
     retries: 1
     conda:
         "../../envs/flatness.yaml"
-    threads: 2
+    threads: 1
     resources:
         mem_mb=lambda wc, attempt: 4000 * attempt,
         runtime=lambda wc, attempt: 120 * attempt,
