@@ -42,7 +42,8 @@ class _NoisyAccuracy:
     """Accuracies at θ + s ⊙ z_k for k < num_samples, z_k ~ N(0, I) redrawn from fixed per-draw
     seeds, so every σ the bisection tries sees the same z_k (common random numbers: the drop is
     a deterministic function of σ for a given seed, and the bisection cannot be fooled by
-    resampling noise). z_k is drawn on the model's device, in its dtype."""
+    resampling noise). z_k is drawn on the CPU in float64 and then cast and moved, so a seed gives
+    the same draws, and the same σ, on any device and in any dtype."""
 
     def __init__(self, model: nn.Module, batches: Batches, num_samples: int, seed: int) -> None:
         self.model, self.batches = model, batches
@@ -51,16 +52,16 @@ class _NoisyAccuracy:
             raise ValueError(f"{type(model).__name__} has no parameters to perturb")
         g = torch.Generator().manual_seed(int(seed))
         self.draw_seeds = torch.randint(0, 2**62, (int(num_samples),), generator=g).tolist()
-        first = next(iter(self.theta.values()))
-        self.device, self.dtype = first.device, first.dtype
 
     def per_draw(self, std: Callable[[Tensor], Tensor]) -> np.ndarray:
         """Accuracy for each draw; ``std(θ_T)`` gives the elementwise noise std of tensor T."""
         accs = []
         for s in self.draw_seeds:
-            g = torch.Generator(device=self.device).manual_seed(s)
+            g = torch.Generator().manual_seed(s)
             params = {
-                k: t + std(t) * torch.randn(t.shape, generator=g, device=t.device, dtype=t.dtype)
+                k: t
+                + std(t)
+                * torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.device, t.dtype)
                 for k, t in self.theta.items()
             }
             accs.append(_accuracy(self.model, self.batches, params))
