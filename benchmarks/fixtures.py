@@ -137,10 +137,10 @@ class Context:
         return (self.X[:n].to(self.device, dtype), self.y[:n].to(self.device))
 
     def repeats(self, cheap: bool = True) -> int:
-        """Repeats per timing: three for cheap calls, one for minute-long references."""
+        """Repeats per timing: three for cheap calls, two for slow ones (one with --quick)."""
         if self.quick:
             return 1
-        return 3 if cheap else 1
+        return 3 if cheap else 2
 
     def model(self, name: str, dtype=torch.float32) -> nn.Module:
         """A fresh copy of the trained ``name`` on the context device, in ``dtype``."""

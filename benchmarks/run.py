@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib
+import os
 import sys
 import time
 import traceback
@@ -23,9 +24,26 @@ TOPICS = {
     "relative": "benchmarks.bench_relative",
     "curvature": "benchmarks.bench_curvature",
     "trainer": "benchmarks.bench_trainer",
-    # last: it changes malloc's policy (see harness.pin_malloc_to_mmap), which slows timings
+    # last: its probes run in fresh processes, which need the trained models cached above
     "memory": "benchmarks.bench_memory",
 }
+
+
+RESULTS_MD = os.path.join(os.path.dirname(__file__), "RESULTS.md")
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def publish(out_dir: str, target: str = RESULTS_MD) -> str:
+    """Replace the table between the markers of ``target`` by the one in ``out_dir``."""
+    with open(os.path.join(out_dir, "results.md")) as f:
+        table = f.read()
+    with open(target) as f:
+        text = f.read()
+    head, rest = text.split(START, 1)
+    tail = rest.split(END, 1)[1]
+    with open(target, "w") as f:
+        f.write(f"{head}{START}\n{table}{END}{tail}")
+    return target
 
 
 def main(argv=None) -> int:
@@ -34,6 +52,11 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes, one repeat")
     parser.add_argument("--only", action="append", choices=sorted(TOPICS), help="repeatable")
     parser.add_argument(
+        "--publish",
+        action="store_true",
+        help=f"only copy OUT/results.json's table into {RESULTS_MD} (no benchmark is run)",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -41,6 +64,9 @@ def main(argv=None) -> int:
     )
     args = parser.parse_args(argv)
 
+    if args.publish:
+        print(f"wrote {publish(args.out)}")
+        return 0
     threads = args.threads or (1 if args.quick else 2)
     torch.set_num_threads(threads)
     from benchmarks.fixtures import make_context
