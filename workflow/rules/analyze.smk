@@ -91,6 +91,7 @@ rule interpolate:
     resources:
         mem_mb=4000,
         runtime=60,
+        gpu=uses_gpu(config["measure"]["device"]),
     params:
         pair_id="{pair}",
         data=pair_data,

@@ -1,7 +1,6 @@
 # Validation, the run table and small input/param helpers shared by every stage.
 import os
 import re
-import sys
 
 from flatness.suite import (
     batch_pairs,
@@ -11,12 +10,6 @@ from flatness.suite import (
 )
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
-
-# Shell rules (papermill) use the environment Snakemake runs in, even when it is not activated;
-# a conda env activated by --sdm conda is put in front of this at job time.
-os.environ["PATH"] = os.pathsep.join(
-    [os.path.dirname(sys.executable), os.environ["PATH"]]
-)
 
 validate(config, "../schemas/config.schema.yaml")
 

@@ -1,12 +1,7 @@
-# Figures: papermill notebooks that read only tables. The notebook is an input, so editing it
-# redraws its figure; its cell tagged `parameters` lets it run standalone too:
+# Figures: papermill notebooks that read only tables, executed by scripts/figure.py with every
+# named input (but the notebook) as a parameter. The notebook is an input, so editing it redraws
+# its figure; its cell tagged `parameters` lets it run standalone too:
 #   papermill workflow/notebooks/invariance.py.ipynb out.ipynb -p long results/tables/measures_long.csv
-
-
-PAPERMILL = (
-    "papermill {input.notebook} {log.notebook} -k python3 --log-level ERROR "
-    "{params.args} > {log.stderr} 2>&1"
-)
 
 
 rule fig_measures_by_batch:
@@ -26,10 +21,8 @@ rule fig_measures_by_batch:
         stderr="results/logs/notebooks/measures_by_batch.log",
     conda:
         "../../envs/flatness.yaml"
-    params:
-        args=lambda wc, input, output: f"-p runs {input.runs} -p long {input.long} -p out {output}",
-    shell:
-        PAPERMILL
+    script:
+        "../scripts/figure.py"
 
 
 rule fig_invariance:
@@ -48,10 +41,8 @@ rule fig_invariance:
         stderr="results/logs/notebooks/invariance.log",
     conda:
         "../../envs/flatness.yaml"
-    params:
-        args=lambda wc, input, output: f"-p long {input.long} -p out {output}",
-    shell:
-        PAPERMILL
+    script:
+        "../scripts/figure.py"
 
 
 rule fig_measure_vs_gap:
@@ -72,12 +63,8 @@ rule fig_measure_vs_gap:
         stderr="results/logs/notebooks/measure_vs_gap.log",
     conda:
         "../../envs/flatness.yaml"
-    params:
-        args=lambda wc, input, output: (
-            f"-p runs {input.runs} -p long {input.long} -p kendall {input.kendall} -p out {output}"
-        ),
-    shell:
-        PAPERMILL
+    script:
+        "../scripts/figure.py"
 
 
 rule fig_training_curves:
@@ -96,10 +83,8 @@ rule fig_training_curves:
         stderr="results/logs/notebooks/training_curves.log",
     conda:
         "../../envs/flatness.yaml"
-    params:
-        args=lambda wc, input, output: f"-p history {input.history} -p out {output}",
-    shell:
-        PAPERMILL
+    script:
+        "../scripts/figure.py"
 
 
 rule fig_interpolation:
@@ -118,10 +103,8 @@ rule fig_interpolation:
         stderr="results/logs/notebooks/interpolation.log",
     conda:
         "../../envs/flatness.yaml"
-    params:
-        args=lambda wc, input, output: f"-p table {input.table} -p out {output}",
-    shell:
-        PAPERMILL
+    script:
+        "../scripts/figure.py"
 
 
 rule report:
