@@ -98,7 +98,7 @@ def fam_authors_step(model: nn.Module, opt, X: Tensor, y: Tensor, lam: float = 0
     reg = (W @ W.T * C).sum() / m
     (loss + lam * reg).backward()
     opt.step()
-    return float(loss)
+    return float(loss.detach())
 
 
 def _logits_and_features(model: nn.Module, X: Tensor, layer: nn.Linear):

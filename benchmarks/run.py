@@ -17,7 +17,7 @@ import traceback
 
 import torch
 
-from benchmarks.harness import failed_row, machine_description, markdown_table, write_results
+from benchmarks.harness import Row, failed_row, machine_description, markdown_table, write_results
 
 #: topic name → module; each module has ``run(ctx) -> list[Row]``.
 TOPICS = {
@@ -44,6 +44,21 @@ def publish(out_dir: str, target: str = RESULTS_MD) -> str:
     with open(target, "w") as f:
         f.write(f"{head}{START}\n{table}{END}{tail}")
     return target
+
+
+def _reference_check_row() -> Row:
+    """The references against dense float64 Hessians on tiny nets: the agreement columns below
+    compare against them, so they are checked first (a few seconds)."""
+    from benchmarks import check_references
+
+    ok = check_references.main() == 0
+    return Row(
+        "references",
+        "Rangamani, Petzka, exact trace, FAM as released vs dense float64 Hessians (tiny nets)",
+        agreement="see python -m benchmarks.check_references",
+        target="rel ≤ 1e-10 (power iteration 1e-6)",
+        passed=ok,
+    )
 
 
 def main(argv=None) -> int:
@@ -74,7 +89,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     ctx = make_context(args.out, quick=args.quick)
     print(f"setup (data, trained models) {time.perf_counter() - start:.1f} s", flush=True)
-    rows = []
+    rows = [_reference_check_row()]
     for topic in args.only or list(TOPICS):
         t0 = time.perf_counter()
         try:
