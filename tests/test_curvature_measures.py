@@ -361,3 +361,151 @@ def test_bad_input(trained_mlp64, fixture_data64):
         quotient_sharpness(trained_mlp64, (X, y), epsilon=1e-3)
     with pytest.raises(ValueError, match="eta"):
         adaptive_sharpness(trained_mlp64, (X, y), eta=-1.0)
+
+
+# --- review fixes: sum losses past one chunk, two-stage trace, quotient_sharpness checks --------
+
+
+@pytest.mark.parametrize("budget", [0, 1 << 30], ids=["recompute", "kept-graph"])
+def test_p6_sum_loss_gives_n_times_the_mean_loss_value(random_mlp64, budget):
+    from tests.conftest import fixture_data
+
+    X, y = fixture_data(n=300)  # N > DEFAULT_CHUNK = 256: two chunks of unequal size
+    N = X.shape[0]
+    summed = nn.CrossEntropyLoss(reduction="sum")
+    kw = {"graph_budget_bytes": budget}
+    for f, extra in [
+        (hessian_max_eigenvalue, {"tol": TIGHT}),
+        (hessian_trace, {}),  # exact (186 parameters)
+        (hessian_trace, {"num_probes": 30, "seed": 2}),  # same probes: exactly N×
+        (quotient_sharpness, {"tol": TIGHT}),
+        (adaptive_sharpness, {"tol": TIGHT}),
+    ]:
+        mean = f(random_mlp64, (X, y), **kw, **extra)
+        total = f(random_mlp64, (X, y), loss_fn=summed, **kw, **extra)
+        assert rel(total, N * mean) <= 1e-9, (f.__name__, extra)
+    wc = {"kind": "worst_case", "rho": 0.05}
+    mean = adaptive_sharpness(random_mlp64, (X, y), **wc)
+    assert rel(adaptive_sharpness(random_mlp64, (X, y), loss_fn=summed, **wc), N * mean) <= 1e-8
+    with pytest.raises(ValueError, match="reduction"):
+        hessian_trace(random_mlp64, (X, y), loss_fn=nn.CrossEntropyLoss(reduction="none"))
+
+
+class _CountMatvecs:
+    def __init__(self, monkeypatch):
+        from flatness.hvp import HessianOperator
+
+        self.calls = 0
+        original = HessianOperator.matvec
+
+        def counted(op, v):
+            self.calls += 1
+            return original(op, v)
+
+        monkeypatch.setattr(HessianOperator, "matvec", counted)
+
+
+def test_trace_given_num_probes_is_exactly_that_many_hvps(
+    random_mlp64, fixture_data64, monkeypatch
+):
+    count = _CountMatvecs(monkeypatch)
+    hessian_trace(random_mlp64, fixture_data64, num_probes=21)
+    assert count.calls == 21  # no pilot
+
+
+def test_trace_default_is_two_stage_with_a_warned_cap(net, fixture_data64, monkeypatch):
+    import warnings
+
+    from flatness import hutchinson
+
+    X, y = fixture_data64
+    count = _CountMatvecs(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the target is reachable: no cap warning
+        v, se = hessian_trace(net, (X, y), exact_max_params=0, max_probes=2000, return_stderr=True)
+    assert se <= 0.02 * abs(v)
+    # Pilot (sketch 10 + 10 probes) + main stage, whose count is fixed: the reported estimate
+    # is a fresh Hutch++ run with exactly that count after the pilot's draws.
+    gen = torch.Generator().manual_seed(0)
+    op_mv = _dense_matvec(net, X, y)
+    ref = hutchinson.adaptive_hutchpp_trace(op_mv, 186, gen, max_matvecs=2000)
+    assert ref.pilot_matvecs == 30 and count.calls == 30 + ref.num_matvecs
+    assert v == pytest.approx(ref.value, rel=1e-9) and se == pytest.approx(ref.stderr, rel=1e-6)
+    with pytest.warns(RuntimeWarning, match="capped at max_matvecs=40"):
+        hessian_trace(net, (X, y), exact_max_params=0, max_probes=40)
+
+
+def _dense_matvec(model, X, y):
+    from tests.test_hvp import dense_hessian
+
+    H = dense_hessian(model, X, y)
+    return lambda v: H @ v
+
+
+def test_quotient_sharpness_checks_options_before_the_eigensolve(
+    trained_mlp64, fixture_data64, monkeypatch
+):
+    from flatness.measures import curvature
+
+    def no_solve(*a, **k):
+        raise AssertionError("the eigen-solve ran before the options were checked")
+
+    with monkeypatch.context() as m:
+        m.setattr(curvature, "top_eigenvalues", no_solve)
+        for kw, msg in [
+            ({"epsilon": 1e-3}, "normalized=True"),
+            ({"normalized": True, "epsilon": -1.0}, "epsilon"),
+            ({"normalized": True, "epsilon": float("nan")}, "epsilon"),
+            ({"method": "power"}, "method"),
+            ({"tol": 0.0}, "tol"),
+        ]:
+            with pytest.raises(ValueError, match=msg):
+                quotient_sharpness(trained_mlp64, fixture_data64, **kw)
+
+
+def test_quotient_sharpness_normalising_loss_needs_no_second_graph(
+    trained_mlp64, fixture_data64, monkeypatch
+):
+    from flatness.hvp import HessianOperator
+
+    builds = []
+    original = HessianOperator._build_graph
+
+    def counted(op):
+        builds.append(1)
+        return original(op)
+
+    monkeypatch.setattr(HessianOperator, "_build_graph", counted)
+    X, y = fixture_data64
+    lam = quotient_sharpness(trained_mlp64, (X, y), tol=TIGHT)
+    builds.clear()
+    norm = quotient_sharpness(trained_mlp64, (X, y), normalized=True, tol=TIGHT)
+    assert len(builds) == 1  # the eigen-solve's graph only; the loss is a no-grad pass
+    L = float(nn.functional.cross_entropy(trained_mlp64(X), y).detach())
+    assert norm == pytest.approx(lam / (2 * (1 + L)), rel=1e-12)
+
+
+def test_eigsh_non_convergence_warns_or_fails_clearly(monkeypatch, trained_mlp64, fixture_data64):
+    from flatness import lanczos
+    from flatness.measures import curvature
+
+    original = lanczos.eigsh_top_eigenvalues
+
+    cluster = torch.linspace(1.0, 1.0 + 1e-4, 186, dtype=torch.float64)
+
+    def starved(mv, n, k, *, method, **kw):  # ARPACK on a clustered spectrum, one restart
+        return original(lambda v: cluster * v, n, k, **{**kw, "max_iter": 1, "tol": 1e-15})
+
+    monkeypatch.setattr(curvature, "top_eigenvalues", starved)
+    # Before: scipy's ArpackNoConvergence escaped; now a clear ValueError when nothing converged.
+    with pytest.raises(ValueError, match="eigsh did not converge"):
+        hessian_max_eigenvalue(trained_mlp64, fixture_data64, method="eigsh")
+
+    def partial(mv, n, k, *, method, **kw):
+        res = original(mv, n, k, **kw)
+        return lanczos.LanczosResult(res.eigenvalues, res.num_matvecs, False)
+
+    monkeypatch.setattr(curvature, "top_eigenvalues", partial)
+    with pytest.warns(RuntimeWarning, match="eigsh did not reach"):
+        lam = hessian_max_eigenvalue(trained_mlp64, fixture_data64, method="eigsh", tol=TIGHT)
+    assert rel(lam, dense_top(trained_mlp64, *fixture_data64)) <= 1e-8

@@ -146,3 +146,17 @@ def test_bad_input_raises(random_mlp64, fixture_data64):
     Xbad[1, 1] = float("nan")
     with pytest.raises(ValueError, match="not finite"):
         feature_robustness(random_mlp64, (Xbad, y))
+
+
+def test_sum_loss_is_n_times_mean_loss_beyond_one_chunk(random_mlp64):
+    from tests.conftest import fixture_data
+
+    X, y = fixture_data(n=300)  # N > 256: the head is collected in two chunks
+    N = X.shape[0]
+    mean = feature_robustness(random_mlp64, (X, y), delta=0.2, num_samples=6)
+    summed = feature_robustness(
+        random_mlp64, (X, y), loss_fn=nn.CrossEntropyLoss(reduction="sum"), delta=0.2, num_samples=6
+    )
+    assert rel(summed, N * mean) <= 1e-10
+    with pytest.raises(ValueError, match="reduction"):
+        feature_robustness(random_mlp64, (X, y), loss_fn=nn.CrossEntropyLoss(reduction="none"))

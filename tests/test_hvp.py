@@ -185,3 +185,91 @@ def test_bad_input(trained_mlp64, fixture_data64):
         HessianOperator(trained_mlp64, (X, y)).matvec(torch.zeros(5, dtype=torch.float64))
     with pytest.raises(ValueError, match="parameters"):
         HessianOperator(nn.ReLU(), (X, y))
+
+
+# --- data loss of a chunked sum (review fixes: one loss helper, input checks, host copies) -------
+
+
+def _big_data(n=300):
+    """N = 300 > DEFAULT_CHUNK (256): a single (X, y) pair is split into two unequal chunks."""
+    from tests.conftest import fixture_data
+
+    return fixture_data(n=n)
+
+
+@pytest.mark.parametrize("budget", [0, 1 << 30], ids=["recompute", "kept-graph"])
+@pytest.mark.parametrize("kind", ["module", "partial"])
+def test_sum_loss_is_n_times_the_mean_loss_across_chunks(random_mlp64, budget, kind):
+    import functools
+
+    from flatness.batches import DEFAULT_CHUNK, Batches, mean_loss
+
+    X, y = _big_data()
+    N = X.shape[0]
+    assert N > DEFAULT_CHUNK
+    if kind == "module":
+        summed = nn.CrossEntropyLoss(reduction="sum")
+    else:
+        summed = functools.partial(nn.functional.cross_entropy, reduction="sum")
+    mean_op = HessianOperator(random_mlp64, (X, y), graph_budget_bytes=budget)
+    sum_op = HessianOperator(random_mlp64, (X, y), loss_fn=summed, graph_budget_bytes=budget)
+    assert len(sum_op.batches) == 2
+    v = probe(186)
+    assert rel_err(sum_op.matvec(v), N * mean_op.matvec(v)) <= 1e-12
+    assert rel_err(sum_op.gradient(), N * mean_op.gradient()) <= 1e-12
+    assert sum_op.loss() == pytest.approx(N * mean_op.loss(), rel=1e-12)
+    # A module with reduction="mean" is the default loss.
+    meanmod = HessianOperator(random_mlp64, (X, y), loss_fn=nn.CrossEntropyLoss())
+    assert rel_err(meanmod.matvec(v), mean_op.matvec(v)) <= 1e-12
+    b = Batches((X, y))
+    with torch.no_grad():
+        L_sum, L_mean = float(mean_loss(random_mlp64, b, summed)), float(mean_loss(random_mlp64, b))
+    assert L_sum == pytest.approx(N * L_mean, rel=1e-12)
+    assert L_mean == pytest.approx(
+        float(nn.functional.cross_entropy(random_mlp64(X), y)), rel=1e-12
+    )
+
+
+def test_loss_without_reduction_is_refused(random_mlp64, fixture_data64):
+    import functools
+
+    from flatness.batches import loss_reduction
+
+    X, y = fixture_data64
+    for bad in (
+        nn.CrossEntropyLoss(reduction="none"),
+        functools.partial(nn.functional.cross_entropy, reduction="none"),
+    ):
+        with pytest.raises(ValueError, match="reduction='sum'"):
+            HessianOperator(random_mlp64, (X, y), loss_fn=bad)
+    assert loss_reduction(nn.MSELoss(reduction="sum")) == "sum"
+    assert loss_reduction(nn.KLDivLoss(reduction="batchmean")) == "mean"
+    with pytest.raises(ValueError, match="scalar"):  # a plain callable returning a vector
+        HessianOperator(random_mlp64, (X, y), loss_fn=lambda o, t: o.sum(1)).matvec(probe(186))
+
+
+def test_zero_dim_inputs_are_a_clear_value_error():
+    from flatness.batches import Batches
+
+    x0, y0 = torch.tensor(1.0), torch.tensor(0)
+    for data in [(x0, y0), (torch.zeros(1, 3), y0), [(x0, y0)], [(torch.zeros(2, 3), y0)]]:
+        with pytest.raises(ValueError, match="leading sample dimension"):
+            Batches(data)
+
+
+def test_non_blocking_copies_only_onto_cuda(fixture_data64, monkeypatch):
+    from flatness.batches import Batches, _non_blocking
+
+    assert _non_blocking(torch.device("cuda")) and _non_blocking("cuda:0")
+    assert not _non_blocking(torch.device("cpu"))
+    seen = []
+    original = torch.Tensor.to
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("non_blocking", False))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", spy)
+    X, y = fixture_data64
+    list(Batches((X, y), chunk_size=16, device="cpu"))
+    assert seen and not any(seen)  # a copy to the host must complete before the CPU reads it

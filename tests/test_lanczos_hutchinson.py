@@ -188,3 +188,103 @@ def test_slq_density_and_trace():
     assert abs(dens.trace_of(lambda x: x**2) - float((eigs**2).sum())) <= 0.2 * float(
         (eigs**2).sum()
     )
+
+
+# --- review fixes: eigsh non-convergence, per-probe draws, two-stage Hutch++ --------------------
+
+
+def test_eigsh_non_convergence_returns_the_converged_part():
+    # One well-separated top eigenvalue, the second one inside a tight cluster.
+    d = torch.cat([torch.tensor([10.0]), torch.linspace(1, 1.0001, 199)]).double()
+    res = top_eigenvalues(lambda v: d * v, 200, 2, method="eigsh", tol=1e-14, max_iter=2)
+    assert not res.converged
+    assert res.eigenvalues.shape == (2,)
+    assert float(res.eigenvalues[0]) == pytest.approx(10.0, rel=1e-10)
+    assert math.isnan(float(res.eigenvalues[1]))  # did not converge: flagged, not invented
+
+
+def test_probes_are_drawn_one_at_a_time(monkeypatch):
+    A = spd(n=40)
+    sizes = []
+    original = torch.randint
+
+    def spy(*args, **kwargs):
+        sizes.append(tuple(args[2] if len(args) > 2 else kwargs["size"]))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "randint", spy)
+    hutchinson_trace(lambda v: A @ v, 40, 15, torch.Generator().manual_seed(0))
+    hutchpp_trace(lambda v: A @ v, 40, 15, torch.Generator().manual_seed(0))
+    adaptive_hutchpp_trace(lambda v: A @ v, 40, torch.Generator().manual_seed(0), sketch_size=3)
+    slq_spectral_density(lambda v: A @ v, 40, 4, 5, torch.Generator().manual_seed(0))
+    assert sizes and set(sizes) == {(40,)}  # never a (num, n) block
+
+
+def test_probe_sequence_is_seeded_and_dtype_independent():
+    from flatness.hutchinson import rademacher_probes
+
+    rows = list(rademacher_probes(30, 7, torch.Generator().manual_seed(3)))
+    block = rademacher(30, 7, torch.Generator().manual_seed(3))
+    assert torch.equal(torch.stack(rows), block)
+    assert set(block.unique().tolist()) == {-1.0, 1.0}
+    f32 = rademacher(30, 7, torch.Generator().manual_seed(3), dtype=torch.float32)
+    assert f32.dtype == torch.float32 and torch.equal(f32.double(), block)
+    # The same sequence as one (num, n) draw (the layout before probes were drawn one by one).
+    signs = torch.randint(
+        0, 2, (7, 30), generator=torch.Generator().manual_seed(3), dtype=torch.int8
+    )
+    assert torch.equal(block, signs.double() * 2 - 1)
+
+
+def test_two_stage_count_is_fixed_by_the_pilot_alone():
+    """The main stage's probe count is fixed before any main-stage probe is seen: an operator
+    that turns noisy after the pilot gets the same count (a running-stderr stop would go on)."""
+    from flatness.hutchinson import _hutchpp
+
+    A = spd()
+    ref = adaptive_hutchpp_trace(lambda v: A @ v, 80, torch.Generator().manual_seed(0))
+    assert ref.pilot_matvecs == 30 and not ref.capped
+    noisy = sym_matrix(torch.linspace(-3, 3.6, 80), seed=4)  # trace ≈ 24, large residual variance
+
+    class Switch:
+        calls = 0
+
+        def __call__(self, v):
+            self.calls += 1
+            return (A if self.calls <= ref.pilot_matvecs else noisy) @ v
+
+    mv = Switch()
+    res = adaptive_hutchpp_trace(mv, 80, torch.Generator().manual_seed(0))
+    assert res.num_matvecs == ref.num_matvecs and mv.calls == 30 + ref.num_matvecs
+    assert res.stderr > 0.02 * abs(res.value)  # honest: the fixed count misses on the new operator
+    # The reported value is a fresh Hutch++ run on the draws after the pilot's (discarded) ones.
+    gen = torch.Generator().manual_seed(0)
+    rademacher(80, 10 + 10, gen)  # the pilot's sketch and residual probes
+    value, se = _hutchpp(lambda v: A @ v, 80, 10, ref.num_matvecs - 20, gen, None, torch.float64)
+    assert value == pytest.approx(ref.value, rel=1e-13) and se == pytest.approx(
+        ref.stderr, rel=1e-12
+    )
+
+
+def test_two_stage_stderr_is_calibrated_and_meets_the_target():
+    A = spd()
+    exact = float(torch.trace(A))
+    covered = met = 0
+    seeds = range(150)
+    for seed in seeds:
+        r = adaptive_hutchpp_trace(lambda v: A @ v, 80, torch.Generator().manual_seed(seed))
+        covered += abs(r.value - exact) <= 2 * r.stderr
+        met += r.stderr <= 0.02 * abs(r.value)
+    assert covered / len(seeds) >= 0.9  # ≈ 95% for an unbiased stderr
+    assert met / len(seeds) >= 0.9  # by default ≤ 2% relative standard error
+
+
+def test_two_stage_bad_arguments():
+    A = spd(n=30)
+    with pytest.raises(ValueError, match="rel_stderr"):
+        adaptive_hutchpp_trace(lambda v: A @ v, 30, torch.Generator(), rel_stderr=0.0)
+    with pytest.raises(ValueError, match="max_matvecs"):
+        adaptive_hutchpp_trace(lambda v: A @ v, 30, torch.Generator(), max_matvecs=21)
+    small = spd(n=5)  # the sketch spans R^n: exact, no pilot
+    res = adaptive_hutchpp_trace(lambda v: small @ v, 5, torch.Generator())
+    assert res.value == pytest.approx(float(torch.trace(small)), rel=1e-12) and res.stderr == 0.0

@@ -63,3 +63,24 @@ def test_save_load_round_trip(tmp_path):
     assert back.training is False and next(back.parameters()).dtype == torch.float64
     assert torch.equal(back(x), net.eval()(x))
     assert not list(tmp_path.glob(".*tmp*"))
+
+
+@pytest.mark.parametrize("name", ["lenet5", "keskar_c1", "vgg16"])
+def test_building_leaves_batchnorm_statistics_untouched(name):
+    """The flattened size is probed in eval mode without autograd: a fresh BN model has
+    num_batches_tracked == 0, running_mean == 0 and running_var == 1, and stays in train mode."""
+    torch.manual_seed(0)
+    net = build_model({"name": name, "in_shape": (3, 32, 32), "num_classes": 10, "batchnorm": True})
+    bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert bns
+    for bn in bns:
+        assert int(bn.num_batches_tracked) == 0
+        assert torch.equal(bn.running_var, torch.ones_like(bn.running_var))
+        assert torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean))
+    assert all(m.training for m in net.modules())
+
+
+def test_atomic_torch_save_is_the_checkpoint_helper():
+    from flatness import checkpoint, models
+
+    assert models.atomic_torch_save is checkpoint.atomic_torch_save

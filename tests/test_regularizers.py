@@ -256,3 +256,23 @@ def test_every_step_lowers_the_loss_on_a_tiny_problem(name):
     for _ in range(30):
         last = float(STEPS[name](model, X, y, opt, cfg))
     assert last < first
+
+
+def test_fam_custom_loss_uses_the_shared_head_hessian(monkeypatch):
+    """One exact last-layer Hessian (flatness.lastlayer.head_hessian) serves FAM and relative
+    flatness; FAM's custom-loss path goes through it."""
+    from flatness import batches, lastlayer, regularizers
+
+    assert regularizers.LossFn is batches.LossFn
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return lastlayer.head_hessian(*args, **kwargs)
+
+    monkeypatch.setattr(regularizers, "head_hessian", spy)
+    X, y = fixture_data(n=16)
+    model = make_mlp()
+    mse = lambda z, t: nn.functional.mse_loss(z, nn.functional.one_hot(t, 4).to(z.dtype))  # noqa: E731
+    R = fam_penalty(model, X, y, loss_fn=mse)
+    assert calls == [1] and float(R) > 0

@@ -369,3 +369,66 @@ def test_conv_features_flattened_into_the_last_linear(fixture_data64):
         assert rel(f(cnn, (Xc, yc)), reference(which, W, H)) <= 1e-10
     before = relative_flatness(cnn, (Xc, yc))
     assert rel(relative_flatness(layerwise_rescale(cnn, [5.0, 0.2]), (Xc, yc)), before) <= 1e-10
+
+
+# ---- review fixes: P6 past one chunk, one Rademacher source, the shared head check ----
+
+
+@pytest.mark.parametrize("which", list(MEASURES))
+def test_p6_sum_loss_is_n_times_mean_loss_beyond_one_chunk(which, random_mlp64):
+    from flatness.batches import DEFAULT_CHUNK
+    from tests.conftest import fixture_data
+
+    X, y = fixture_data(n=300)  # two chunks (256 + 44) inside every measure
+    N = X.shape[0]
+    assert N > DEFAULT_CHUNK
+    f = MEASURES[which]
+    base = f(random_mlp64, (X, y))  # CE closed form, mean loss
+    summed = f(random_mlp64, (X, y), loss_fn=nn.CrossEntropyLoss(reduction="sum"))  # exact
+    assert rel(summed, N * base) <= 1e-10
+    onehot = F.one_hot(y, 4).double()
+    mse_mean = f(random_mlp64, (X, onehot), loss_fn=nn.MSELoss())
+    mse_sum = f(random_mlp64, (X, onehot), loss_fn=nn.MSELoss(reduction="sum"))
+    # nn.MSELoss's mean is over all N·d entries (d = 4 outputs), its sum over the same entries.
+    assert mse_mean > 0 and rel(mse_sum, N * 4 * mse_mean) <= 1e-10
+    if which == "kappa_tr":  # Hutchinson route, same seed: the same probes, exactly N×
+        kw = {"method": "hutchinson", "num_probes": 8, "seed": 1, "return_stderr": True}
+        v_mean, se_mean = f(random_mlp64, (X, y), loss_fn=nn.CrossEntropyLoss(), **kw)
+        v_sum, se_sum = f(random_mlp64, (X, y), loss_fn=nn.CrossEntropyLoss(reduction="sum"), **kw)
+        assert rel(v_sum, N * v_mean) <= 1e-10 and rel(se_sum, N * se_mean) <= 1e-8
+    with pytest.raises(ValueError, match="reduction"):
+        f(random_mlp64, (X, y), loss_fn=nn.CrossEntropyLoss(reduction="none"))
+
+
+def test_hutchinson_route_draws_its_probes_from_flatness_hutchinson(
+    random_mlp64, fixture_data64, monkeypatch
+):
+    from flatness import hutchinson
+    from flatness.measures import relative
+
+    calls = []
+
+    def spy(n, num, generator, device=None, dtype=torch.float64):
+        calls.append((n, num))
+        return hutchinson.rademacher(n, num, generator, device, dtype)
+
+    monkeypatch.setattr(relative, "rademacher", spy)
+    relative_flatness(random_mlp64, fixture_data64, loss_fn=mse_onehot, method="hutchinson",
+                      num_probes=5)  # fmt: skip
+    assert calls == [(6, 6)] * 5  # one m×m Rademacher Z per probe
+
+
+def test_fam_and_relative_share_the_head_hessian_and_output_check(random_mlp64, fixture_data64):
+    from flatness import batches, lastlayer, regularizers
+    from flatness.regularizers import fam_penalty
+
+    assert regularizers.LossFn is batches.LossFn
+    assert regularizers.head_hessian is lastlayer.head_hessian
+    X, y = fixture_data64
+    post = nn.Sequential(random_mlp64, nn.Tanh())
+    for f in (
+        lambda: relative_flatness(post, (X, y), loss_fn=mse_onehot),
+        lambda: fam_penalty(post, X, y, loss_fn=mse_onehot),
+    ):
+        with pytest.raises(ValueError, match="not the output of its last nn.Linear"):
+            f()

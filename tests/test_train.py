@@ -153,3 +153,34 @@ def test_float64_run_and_lenet_on_mnist5k_subset(tmp_path):
     cfg = small(epochs=1, data={"name": "mnist5k", "n_train": 128, "n_test": 64, "augment": False},
                 model={"name": "lenet5"})  # fmt: skip
     assert train_run(cfg, tmp_path / "lenet")["status"] == "ok" and m["status"] == "ok"
+
+
+def test_metrics_json_is_fsynced_before_the_rename(tmp_path, monkeypatch):
+    from flatness import train
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(
+        os, "replace", lambda a, b: (events.append("replace"), real_replace(a, b))[1]
+    )
+    path = tmp_path / "metrics.json"
+    train._atomic_json({"a": 1}, path)
+    assert events == ["fsync", "replace"]
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # no temporary left
+
+
+def test_a_failed_atomic_write_keeps_the_old_file(tmp_path):
+    from flatness.checkpoint import atomic_write
+
+    path = tmp_path / "metrics.json"
+    path.write_text("old")
+
+    def boom(f):
+        f.write(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(path, boom)
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]

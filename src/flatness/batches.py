@@ -3,11 +3,19 @@
 A measure's ``data`` is either a pair ``(X, y)`` of tensors or an iterable of ``(X, y)`` batches (a
 list, a DataLoader, a generator). :class:`Batches` validates it once, moves each batch to the model's
 device and floating dtype, and can be iterated as often as an iterative eigensolver needs.
-The mean loss over *all samples* is ``Σ_b n_b · loss_b / N`` with ``loss_b`` a batch mean.
+The data loss over *all samples* is ``Σ_b w_b · loss_b`` with :func:`batch_weight`: ``w_b = n_b / N``
+for a batch-mean loss (the mean over all samples) and ``w_b = 1`` for a sum-reduced loss (the sum
+over all samples); :func:`loss_term` applies it and is the one place every chunk loop goes through.
+
+**What a** ``loss_fn`` **must return.** A plain callable ``loss_fn(output, y)`` must return the
+*mean* over the batch (a scalar). A torch loss module (or a ``functools.partial`` of a functional
+loss) may say otherwise through ``reduction``: ``"mean"`` (or ``"batchmean"``) and ``"sum"`` are
+supported, ``"none"`` is rejected (a measure needs a scalar).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
@@ -40,6 +48,11 @@ def _check_pair(item, where: str) -> tuple[Tensor, Tensor]:
     if not (isinstance(X, Tensor) and isinstance(y, Tensor)):
         raise ValueError(
             f"{where}: X and y must be tensors, got {type(X).__name__} and {type(y).__name__}"
+        )
+    if X.dim() == 0 or y.dim() == 0:
+        raise ValueError(
+            f"{where}: X and y need a leading sample dimension, got shapes {tuple(X.shape)} and "
+            f"{tuple(y.shape)} (a single sample is X[None], y[None])"
         )
     if X.shape[0] != y.shape[0]:
         raise ValueError(
@@ -100,7 +113,10 @@ class Batches:
             if X.shape[0] == 0:
                 continue
             if self.device is not None:
-                X, y = X.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                # Asynchronous copies only onto a CUDA device (the stream orders them before the
+                # kernels that read them); a copy to the host must finish before the CPU reads it.
+                nb = _non_blocking(self.device)
+                X, y = X.to(self.device, non_blocking=nb), y.to(self.device, non_blocking=nb)
             if self.dtype is not None and X.is_floating_point():
                 X = X.to(self.dtype)
             if self.dtype is not None and y.is_floating_point():
@@ -116,12 +132,83 @@ class Batches:
         return torch.cat(Xs), torch.cat(ys)
 
 
-def mean_loss(model: nn.Module, batches: Batches, loss_fn: LossFn | None = None) -> Tensor:
-    """Mean loss over all samples, ``Σ_b n_b·loss_b / N``, with the autograd graph kept."""
+def _non_blocking(device: torch.device) -> bool:
+    """Whether a copy *to* ``device`` may be asynchronous: only onto CUDA."""
+    return torch.device(device).type == "cuda"
+
+
+_MEAN_REDUCTIONS = ("mean", "batchmean", "elementwise_mean")
+
+
+def loss_reduction(loss_fn: LossFn | None) -> str:
+    """``"mean"`` or ``"sum"``: how ``loss_fn`` reduces a batch (see the module docstring).
+
+    Read from ``loss_fn.reduction`` (torch loss modules) or a ``functools.partial``'s
+    ``reduction=`` keyword; a plain callable is taken to return the batch mean.
+
+    >>> loss_reduction(None), loss_reduction(nn.CrossEntropyLoss(reduction="sum"))
+    ('mean', 'sum')
+    """
+    if loss_fn is None:
+        return "mean"
+    red = getattr(loss_fn, "reduction", None)
+    if red is None and isinstance(loss_fn, functools.partial):
+        red = loss_fn.keywords.get("reduction")
+    red = "mean" if red is None else red
+    if red in _MEAN_REDUCTIONS:
+        return "mean"
+    if red == "sum":
+        return "sum"
+    raise ValueError(
+        f"loss_fn has reduction={red!r}; a measure needs a scalar batch loss: use a loss that "
+        "returns the batch mean (reduction='mean', the default) or the batch sum (reduction='sum')"
+    )
+
+
+def batch_weight(loss_fn: LossFn | None, batch_size: int, num_samples: int) -> float:
+    """Weight of a batch's loss in the data loss: ``n_b / N`` for a mean loss, 1 for a sum loss."""
+    return 1.0 if loss_reduction(loss_fn) == "sum" else batch_size / num_samples
+
+
+def loss_term(
+    loss_fn: LossFn | None,
+    output: Tensor,
+    y: Tensor,
+    num_samples: int,
+    *,
+    check: bool = True,
+    what: str = "loss",
+) -> Tensor:
+    """One batch's contribution to the data loss: ``batch_weight · loss_fn(output, y)``.
+
+    The data loss is the sum of these terms over the batches of :class:`Batches` (of
+    ``num_samples`` samples in all), whatever the chunking: the mean over all samples for a
+    mean-reduced ``loss_fn`` (the default cross-entropy), the sum over all samples for a
+    sum-reduced one. ``check=False`` skips the finiteness test (needed inside ``torch.func``
+    transforms, which cannot branch on values; the caller checks the result instead).
+
+    >>> out, y = torch.zeros(2, 3), torch.tensor([0, 1])
+    >>> round(float(loss_term(None, out, y, 4)), 6)  # mean CE ln 3 on 2 of 4 samples
+    0.549306
+    >>> round(float(loss_term(nn.CrossEntropyLoss(reduction="sum"), out, y, 4)), 6)
+    2.197225
+    """
     loss_fn = loss_fn or default_loss
+    loss = loss_fn(output, y)
+    if not isinstance(loss, Tensor) or loss.dim() != 0:
+        shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+        raise ValueError(f"loss_fn must return a scalar tensor, got {shape}")
+    if check:
+        check_finite(loss, what)
+    return loss * batch_weight(loss_fn, y.shape[0], num_samples)
+
+
+def mean_loss(model: nn.Module, batches: Batches, loss_fn: LossFn | None = None) -> Tensor:
+    """The data loss over all samples, ``Σ_b`` :func:`loss_term` (the mean for a mean-reduced
+    ``loss_fn``, the sum for a sum-reduced one), with the autograd graph kept."""
     total = None
     for X, y in batches:
-        term = loss_fn(model(X), y) * (X.shape[0] / batches.num_samples)
+        term = loss_term(loss_fn, model(X), y, batches.num_samples)
         total = term if total is None else total + term
     check_finite(total, "loss")
     return total

@@ -3,8 +3,9 @@
 .. math::
     H = \\nabla^2_\\theta L(\\theta), \\qquad L = \\frac{1}{N}\\sum_b n_b \\, \\ell_b
 
-over all samples of ``data`` (batches weighted by size, METHODS.md §9), over all parameters or a
-chosen subset. Two modes give the same numbers:
+over all samples of ``data`` (batches weighted by size, METHODS.md §9; a sum-reduced ``loss_fn``
+gives the sum over all samples instead, see :func:`flatness.batches.loss_term`), over all
+parameters or a chosen subset. Two modes give the same numbers:
 
 - **kept graph**: when the double-backward graph of all the data fits ``graph_budget_bytes``,
   the gradient is built once with ``create_graph=True`` and each HVP is one backward through it
@@ -21,7 +22,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from flatness.batches import DEFAULT_CHUNK, Batches, LossFn, default_loss, eval_mode
+from flatness.batches import (
+    DEFAULT_CHUNK,
+    Batches,
+    LossFn,
+    default_loss,
+    eval_mode,
+    loss_reduction,
+    loss_term,
+)
 
 #: Largest estimated size of the whole-data double-backward graph that the operator keeps alive.
 DEFAULT_GRAPH_BUDGET = 1 << 30
@@ -79,6 +88,7 @@ class HessianOperator:
         graph_budget_bytes: int = DEFAULT_GRAPH_BUDGET,
     ) -> None:
         self.model = model
+        loss_reduction(loss_fn)  # reject reduction="none" before any work
         self.loss_fn = loss_fn or default_loss
         self.batches = Batches.for_model(data, model, chunk_size=chunk_size)
         self.params = list(model.parameters()) if params is None else list(params)
@@ -127,27 +137,26 @@ class HessianOperator:
         X, y = next(iter(self.batches))
         with eval_mode(self.model), _grad_enabled(self.params):
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                loss = self.loss_fn(self.model(X), y)
+                loss = loss_term(self.loss_fn, self.model(X), y, self.batches.num_samples)
                 torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
         return sum(seen.values()) * self.batches.num_samples / X.shape[0]
 
     # -- building blocks --------------------------------------------------------------------
 
-    def _chunk_terms(self):
-        """Yield ``(weighted loss, weighted gradient with graph)`` per chunk, in eval mode."""
-        N = self.batches.num_samples
+    def _chunk_losses(self):
+        """Each chunk's contribution to the data loss (:func:`flatness.batches.loss_term`)."""
         for X, y in self.batches:
-            loss = self.loss_fn(self.model(X), y)
-            if loss.dim() != 0:
-                raise ValueError(f"loss_fn must return a scalar, got shape {tuple(loss.shape)}")
-            if not torch.isfinite(loss):
-                raise ValueError(
-                    f"the loss is not finite ({float(loss)}); a diverged model or bad inputs "
-                    "cannot be measured"
-                )
-            loss = loss * (X.shape[0] / N)
+            yield loss_term(self.loss_fn, self.model(X), y, self.batches.num_samples)
+
+    def _chunk_terms(self, create_graph: bool = True):
+        """Yield ``(loss term, its gradient)`` per chunk, with the graph when ``create_graph``."""
+        for loss in self._chunk_losses():
             grads = torch.autograd.grad(
-                loss, self.params, create_graph=True, allow_unused=True, materialize_grads=True
+                loss,
+                self.params,
+                create_graph=create_graph,
+                allow_unused=True,
+                materialize_grads=True,
             )
             yield loss, grads
             del loss, grads  # drop this chunk's graph before the next forward
@@ -227,15 +236,8 @@ class HessianOperator:
             if self.keeps_graph:
                 graph = self._kept_graph()
                 return self.flatten(graph).detach(), self._loss
-            N = self.batches.num_samples
             total, total_loss = None, 0.0
-            for X, y in self.batches:
-                loss = self.loss_fn(self.model(X), y) * (X.shape[0] / N)
-                if not torch.isfinite(loss):
-                    raise ValueError(f"the loss is not finite ({float(loss)})")
-                g = torch.autograd.grad(
-                    loss, self.params, allow_unused=True, materialize_grads=True
-                )
+            for loss, g in self._chunk_terms(create_graph=False):
                 total = list(g) if total is None else [a + b for a, b in zip(total, g, strict=True)]
                 total_loss += float(loss.detach())
         return self.flatten(total).detach(), total_loss

@@ -30,7 +30,8 @@ METHODS = ("lanczos", "eigsh")
 
 
 class LanczosResult(NamedTuple):
-    eigenvalues: Tensor  # float64, descending, on the CPU
+    # float64, descending, on the CPU; NaN where eigsh stopped before that eigenvalue converged
+    eigenvalues: Tensor
     num_matvecs: int
     converged: bool
 
@@ -167,8 +168,13 @@ def eigsh_top_eigenvalues(
     device=None,
     dtype: torch.dtype = torch.float64,
 ) -> LanczosResult:
-    """Same as :func:`lanczos_top_eigenvalues` through scipy ``eigsh(k, which='LA')`` (ARPACK)."""
-    from scipy.sparse.linalg import LinearOperator, eigsh
+    """Same as :func:`lanczos_top_eigenvalues` through scipy ``eigsh(k, which='LA')`` (ARPACK).
+
+    When ARPACK stops at ``max_iter`` without convergence (``ArpackNoConvergence``), the
+    eigenvalues that did converge are returned (descending) with ``converged=False``, and the
+    slots of those that did not are NaN; the caller decides whether to warn or fail.
+    """
+    from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
 
     _check_k(k, n)
     count = {"n": 0}
@@ -185,9 +191,16 @@ def eigsh_top_eigenvalues(
         dense = np.stack([mv(e) for e in np.eye(n)], axis=1)
         vals = np.linalg.eigvalsh((dense + dense.T) / 2)[::-1][:k].copy()
         return LanczosResult(torch.from_numpy(vals), count["n"], True)
-    vals = eigsh(op, k=k, which="LA", tol=tol, v0=v0, maxiter=max_iter, return_eigenvectors=False)
-    vals = np.sort(np.asarray(vals, dtype=np.float64))[::-1].copy()
-    return LanczosResult(torch.from_numpy(vals), count["n"], True)
+    try:
+        vals = eigsh(
+            op, k=k, which="LA", tol=tol, v0=v0, maxiter=max_iter, return_eigenvectors=False
+        )
+        converged = True
+    except ArpackNoConvergence as err:  # keep what did converge, flag the rest (NaN)
+        vals, converged = np.asarray(err.eigenvalues, dtype=np.float64).real, False
+    vals = np.sort(np.asarray(vals, dtype=np.float64))[::-1][:k]
+    vals = np.concatenate([vals, np.full(k - vals.size, np.nan)])
+    return LanczosResult(torch.from_numpy(vals), count["n"], converged)
 
 
 def top_eigenvalues(

@@ -9,11 +9,13 @@ Linear/Conv2d/ReLU/MaxPool2d/Flatten so that ``flatness.reparam``'s rescalings a
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from flatness.batches import eval_mode
+from flatness.checkpoint import atomic_torch_save  # noqa: F401  (re-exported: its old home)
 
 MODEL_KEYS = {"name", "widths", "bias", "batchnorm", "dropout", "in_shape", "num_classes"}
 _DEFAULTS = {"widths": (512, 512), "bias": True, "batchnorm": False, "dropout": 0.0}
@@ -41,7 +43,10 @@ VGG16_CONVS = (
 
 
 def _flat_size(features: nn.Module, in_shape) -> int:
-    with torch.no_grad():
+    """Size of the flattened output of ``features`` for one input, probed in ``eval()`` without
+    autograd, so building a model changes no BatchNorm running statistics (nor
+    ``num_batches_tracked``); each module's mode is restored."""
+    with eval_mode(features), torch.no_grad():
         try:
             return int(features(torch.zeros(1, *in_shape)).numel())
         except RuntimeError as err:
@@ -196,19 +201,6 @@ def build_model(cfg: dict[str, Any]) -> nn.Module:
 def _plain(cfg: dict[str, Any]) -> dict[str, Any]:
     # lists, not tuples, so the saved dict equals its JSON form
     return {k: list(v) if isinstance(v, (tuple, list)) else v for k, v in cfg.items()}
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then ``os.replace``: a reader
-    (or a job killed mid-write) never sees a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def save_model(model: nn.Module, cfg: dict[str, Any], path: str | os.PathLike) -> None:

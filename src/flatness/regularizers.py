@@ -14,11 +14,16 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from flatness.batches import default_loss
+from flatness.batches import LossFn, default_loss
 from flatness.config import RegularizerConfig
-from flatness.lastlayer import features_and_logits, kappa_tr_ce_per_sample, last_linear
+from flatness.lastlayer import (
+    check_head_output,
+    features_and_logits,
+    head_hessian,
+    kappa_tr_ce_per_sample,
+    last_linear,
+)
 
-LossFn = Callable[[Tensor, Tensor], Tensor]
 _BN = nn.modules.batchnorm._BatchNorm
 
 
@@ -143,12 +148,11 @@ def _fam_terms(model, X, y, variant: str, loss_fn: LossFn | None) -> tuple[Tenso
         # Σ_{ss'} C_{ss'}⟨w_s, w_s'⟩ (the rows of C sum to 0) for every W, so ∇_W R = (C + Cᵀ)W,
         # nothing reaches the features, and the pairwise form avoids float32 cancellation.
         return loss, kappa_tr_ce_per_sample(phi.detach(), W, logits.detach()).mean() / m
-    # Any other loss: the exact Hessian of the batch loss w.r.t. W, layout (d, m, d, m) (§4.2).
-    bias = layer.bias
-    if not torch.allclose(logits, nn.functional.linear(phi, W, bias).reshape(logits.shape)):
-        raise ValueError("FAM with a custom loss_fn needs the last nn.Linear to produce the output")
+    # Any other loss: the exact Hessian of the batch loss w.r.t. W, layout (d, m, d, m) (§4.2),
+    # by the same function (and output check) as relative flatness.
+    check_head_output(phi, W, layer.bias, logits)
     loss = loss_fn(logits, y)
-    H = torch.func.hessian(lambda Wv: loss_fn(nn.functional.linear(phi, Wv, bias), y))(W)
+    H = head_hessian(lambda out: loss_fn(out, y), phi, W, layer.bias, logits.shape)
     block_tr = torch.einsum("stut->su", H)  # Tr H_{s,s'}  (d, d)
     if variant == "as_released":
         block_tr = block_tr.detach()

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from flatness.batches import eval_mode
 from flatness.checkpoint import (
     CheckpointError,
+    atomic_write_text,
     load_checkpoint,
     rng_states,
     save_checkpoint,
@@ -149,9 +150,8 @@ def _deterministic(on: bool):
 
 
 def _atomic_json(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    """JSON through the package's one atomic write (temporary file, fsync, ``os.replace``)."""
+    atomic_write_text(json.dumps(obj, indent=2) + "\n", path)
 
 
 def train_run(

@@ -14,10 +14,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from flatness.batches import DEFAULT_CHUNK, Batches, default_loss, eval_mode, mean_loss
+from flatness.batches import DEFAULT_CHUNK, Batches, eval_mode, loss_reduction, loss_term, mean_loss
 from flatness.hutchinson import adaptive_hutchpp_trace, hutchpp_trace
 from flatness.hvp import DEFAULT_GRAPH_BUDGET, HessianOperator
-from flatness.lanczos import DEFAULT_METHOD, top_eigenvalues
+from flatness.lanczos import DEFAULT_METHOD, METHODS, top_eigenvalues
 
 #: Parameter counts up to which ``hessian_trace`` is exact (n HVPs with basis vectors).
 EXACT_TRACE_MAX_PARAMS = 2000
@@ -54,14 +54,29 @@ def _lambda_max(op: HessianOperator, scale: Tensor | None, tol, seed, method) ->
             device=op.device,
             dtype=op.dtype,
         )
+    top = float(res.eigenvalues[0])
     if not res.converged:
+        if math.isnan(top):
+            raise ValueError(
+                f"{method} did not converge in {res.num_matvecs} matvecs and has no estimate of "
+                "the top eigenvalue; raise tol or use the other method"
+            )
+        other = "eigsh" if method == "lanczos" else "lanczos"
         warnings.warn(
-            f"Lanczos did not reach tol={tol} in {res.num_matvecs} steps; the top eigenvalue "
-            "may be inaccurate (raise tol or use method='eigsh')",
+            f"{method} did not reach tol={tol} in {res.num_matvecs} matvecs; the top eigenvalue "
+            f"may be inaccurate (raise tol or use method={other!r})",
             RuntimeWarning,
             stacklevel=3,
         )
-    return float(res.eigenvalues[0])
+    return top
+
+
+def _check_solver(method: str, tol: float) -> None:
+    """The eigensolver options, checked before any operator or matvec is built."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if not tol > 0:
+        raise ValueError(f"tol must be positive, got {tol}")
 
 
 def hessian_max_eigenvalue(
@@ -111,9 +126,14 @@ def hessian_trace(
 
     Exact (n HVPs with basis vectors, stderr 0.0) when n ≤ ``exact_max_params`` and
     ``num_probes`` is not given. Otherwise Hutch++ with Rademacher probes: with ``num_probes``,
-    exactly that many HVPs (Meyer et al.'s split); without, a sketch of 10 then residual probes in
-    rounds of 10 until stderr ≤ ``rel_stderr``·|trace| or ``max_probes`` HVPs. Not invariant
-    (METHODS.md §5: ×6.2 layer-wise, ×1.5 neuron-wise on the fixture).
+    exactly that many HVPs (Meyer et al.'s split, no pilot); without, a two-stage procedure
+    (:func:`flatness.hutchinson.adaptive_hutchpp_trace`): a pilot Hutch++ round (sketch 10,
+    10 residual probes) estimates the variance, which fixes the probe count for a standard error
+    of ``rel_stderr``·|trace|; the value and stderr come only from a fresh main stage of that
+    many HVPs (at most ``max_probes``; a ``RuntimeWarning`` says when the cap binds), the pilot's
+    30 HVPs are discarded. A fixed count, not a stop on the running stderr, which would bias the
+    stderr low (METHODS.md §5, §11). Not invariant (METHODS.md §5: ×6.2 layer-wise, ×1.5
+    neuron-wise on the fixture).
 
     >>> import torch
     >>> lin = torch.nn.Linear(2, 1, bias=False).double()
@@ -122,6 +142,10 @@ def hessian_trace(
     >>> hessian_trace(lin, (X, torch.zeros(2, dtype=torch.float64)), loss_fn=mse)  # tr 2XᵀX/N
     5.0
     """
+    if num_probes is not None and int(num_probes) < 3:
+        raise ValueError(f"num_probes must be ≥ 3 (Hutch++), got {num_probes}")
+    if num_probes is None and not rel_stderr > 0:
+        raise ValueError(f"rel_stderr must be positive, got {rel_stderr}")
     op = _operator(model, data, loss_fn, None, chunk_size, graph_budget_bytes)
     n = op.num_params
     with op:
@@ -172,14 +196,22 @@ def quotient_sharpness(
     *not* under neuron-wise rescaling (a documented limitation). ``normalized=True`` returns
     λ_R/(2(1 + L)) with L the mean loss on ``data``, times ε² when ``epsilon`` is given.
     """
+    if epsilon is not None:
+        if not normalized:
+            raise ValueError("epsilon only applies with normalized=True")
+        if not (math.isfinite(float(epsilon)) and float(epsilon) > 0):
+            raise ValueError(f"epsilon must be a finite positive number, got {epsilon}")
+    _check_solver(method, tol)
     op = _operator(model, data, loss_fn, None, chunk_size, graph_budget_bytes)
     D = _tensor_norm_scale(op.params)
     lam = _lambda_max(op, D, tol, seed, method)
     if not normalized:
-        if epsilon is not None:
-            raise ValueError("epsilon only applies with normalized=True")
         return lam
-    value = lam / (2.0 * (1.0 + op.loss()))
+    # The loss needs no graph: a plain no-grad pass (op.loss() would rebuild the double-backward
+    # graph that `with op:` has just freed).
+    with eval_mode(model), torch.no_grad():
+        loss = float(mean_loss(model, op.batches, op.loss_fn))
+    value = lam / (2.0 * (1.0 + loss))
     return value * float(epsilon) ** 2 if epsilon is not None else value
 
 
@@ -220,6 +252,7 @@ def adaptive_sharpness(
         raise ValueError(f"eta must be ≥ 0, got {eta}")
     if rho is not None and not rho > 0:
         raise ValueError(f"rho must be positive, got {rho}")
+    loss_reduction(loss_fn)  # reject reduction="none" before any work
     if kind == "quadratic":
         op = _operator(model, data, loss_fn, None, chunk_size, graph_budget_bytes)
         C = torch.cat([p_.detach().abs().reshape(-1) + eta for p_ in op.params])
@@ -243,7 +276,6 @@ def _apgd_checkpoints(num_iter: int) -> set[int]:
 
 
 def _worst_case(model, data, loss_fn, rho, p_inf, eta, num_iter, seed, chunk_size) -> float:
-    loss_fn = loss_fn or default_loss
     batches = Batches.for_model(data, model, chunk_size=chunk_size)
     names = [n for n, _ in model.named_parameters()]
     base = [t.detach() for _, t in model.named_parameters()]
@@ -257,9 +289,8 @@ def _worst_case(model, data, loss_fn, rho, p_inf, eta, num_iter, seed, chunk_siz
         for X, y in batches:
             with torch.set_grad_enabled(need_grad):
                 ps = {n: b + c * g for n, b, c, g in zip(names, base, scale, gam, strict=True)}
-                loss = loss_fn(functional_call(model, ps, (X,)), y) * (X.shape[0] / N)
-            if not torch.isfinite(loss):
-                raise ValueError(f"the perturbed loss is not finite ({float(loss)})")
+                out = functional_call(model, ps, (X,))
+                loss = loss_term(loss_fn, out, y, N, what="perturbed loss")
             total += float(loss.detach())
             if need_grad:
                 g = torch.autograd.grad(loss, gam, allow_unused=True, materialize_grads=True)

@@ -24,8 +24,15 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from flatness.batches import Batches, LossFn, check_finite, default_loss, eval_mode
-from flatness.lastlayer import features_and_logits, kappa_tr_ce_per_sample, last_linear
+from flatness.batches import Batches, LossFn, check_finite, eval_mode, loss_reduction, loss_term
+from flatness.hutchinson import rademacher
+from flatness.lastlayer import (
+    check_head_output,
+    features_and_logits,
+    head_hessian,
+    kappa_tr_ce_per_sample,
+    last_linear,
+)
 
 #: Largest d·m for which ``method="auto"`` builds the exact (d·m)² layer Hessian (200 MB in
 #: float64 at 5000); above it κ^φ_Tr uses Hutchinson (METHODS.md §3.2).
@@ -54,9 +61,14 @@ class _Head:
         W = self.W if W is None else W
         return F.linear(self.phis[b], W, self.bias).reshape(self.out_shapes[b])
 
-    def weight(self, b: int) -> float:
-        # Mean over all samples: Σ_b n_b·loss_b / N with loss_b a batch mean (flatness.batches).
-        return self.ys[b].shape[0] / self.num_samples
+    def loss_term(self, b: int, loss_fn: LossFn | None, output: Tensor, check: bool = True):
+        """Batch b's contribution to the data loss for the model output ``output``
+        (:func:`flatness.batches.loss_term`: weight n_b/N for a mean loss, 1 for a sum loss)."""
+        return loss_term(loss_fn, output, self.ys[b], self.num_samples, check=check)
+
+    def data_loss(self, loss_fn: LossFn | None, W: Tensor | None = None) -> Tensor:
+        """The data loss with the layer weight replaced by ``W`` (every batch)."""
+        return sum(self.loss_term(b, loss_fn, self.logits(b, W)) for b in range(len(self.ys)))
 
 
 @torch.no_grad()
@@ -70,16 +82,7 @@ def _collect_head(model: nn.Module, data) -> _Head:
     for X, y in batches:
         phi, logits = features_and_logits(model, X, layer)
         check_finite(logits.sum(), "model output")
-        # The closed forms and the layer Hessian treat the model output as W φ + b; a model that
-        # post-processes the layer's output would make them silently wrong.
-        recomputed = F.linear(phi, W, bias)
-        if recomputed.numel() != logits.numel() or not torch.allclose(
-            recomputed.reshape(logits.shape), logits, rtol=1e-5, atol=1e-6
-        ):
-            raise ValueError(
-                "the model's output is not the output of its last nn.Linear; relative flatness "
-                "needs f(x) = W φ(x) + b with W the last nn.Linear"
-            )
+        check_head_output(phi, W, bias, logits)
         if phi.shape[0] != X.shape[0]:
             raise ValueError(
                 f"the last nn.Linear sees {phi.shape[0]} feature rows for {X.shape[0]} samples; "
@@ -123,20 +126,21 @@ def _ce_probs(head: _Head, b: int) -> tuple[Tensor, Tensor]:
     return p, others
 
 
-def _layer_hessian(head: _Head, loss_fn: LossFn) -> Tensor:
-    """Exact Hessian of the mean loss w.r.t. W, shape (d, m, d, m) (``torch.func.hessian``)."""
+def _layer_hessian(head: _Head, loss_fn: LossFn | None) -> Tensor:
+    """Exact Hessian of the data loss w.r.t. W, shape (d, m, d, m)
+    (:func:`flatness.lastlayer.head_hessian` per batch, summed)."""
     H = torch.zeros(head.W.shape + head.W.shape, dtype=head.W.dtype, device=head.W.device)
     for b in range(len(head.phis)):
 
-        def batch_loss(W: Tensor, b: int = b) -> Tensor:
-            return loss_fn(head.logits(b, W), head.ys[b])
+        def batch_loss(out: Tensor, b: int = b) -> Tensor:
+            return head.loss_term(b, loss_fn, out, check=False)  # no value branches in func
 
-        H += head.weight(b) * torch.func.hessian(batch_loss)(head.W)
+        H += head_hessian(batch_loss, head.phis[b], head.W, head.bias, head.out_shapes[b])
     check_finite(H.sum(), "layer Hessian")
     return H
 
 
-def _quad_form(head: _Head, loss_fn: LossFn, U: Tensor) -> Tensor:
+def _quad_form(head: _Head, loss_fn: LossFn | None, U: Tensor) -> Tensor:
     """⟨U, H[U]⟩ for a direction U in W-space: the second derivative of t ↦ L(W + tU) at 0.
 
     Logits are linear in W, so it is dzᵀ ∇²_z ℓ dz with dz = φ Uᵀ (one double-backward product on
@@ -147,14 +151,15 @@ def _quad_form(head: _Head, loss_fn: LossFn, U: Tensor) -> Tensor:
         with torch.enable_grad():
             z = head.logits(b).detach().requires_grad_(True)
             dz = F.linear(head.phis[b], U).reshape(z.shape)
-            (gz,) = torch.autograd.grad(loss_fn(z, head.ys[b]), z, create_graph=True)
+            (gz,) = torch.autograd.grad(head.loss_term(b, loss_fn, z), z, create_graph=True)
             (hz,) = torch.autograd.grad((gz * dz).sum(), z, allow_unused=True)
         if hz is not None:  # None: the loss is linear in the logits, no curvature
-            total = total + head.weight(b) * (hz * dz).sum()
+            total = total + (hz * dz).sum()
     return total
 
 
 def _resolve_method(method: str, loss_fn: LossFn | None, dm: int, allow_hutchinson: bool) -> str:
+    loss_reduction(loss_fn)  # a sum loss is fine (N × the mean-loss κ); reduction="none" is not
     if method not in _METHODS or (method == "hutchinson" and not allow_hutchinson):
         allowed = _METHODS if allow_hutchinson else _METHODS[:3]
         raise ValueError(f"method must be one of {allowed}, got {method!r}")
@@ -232,7 +237,7 @@ def relative_flatness(
                     / head.num_samples
                 )
             elif route == "exact":
-                H = _layer_hessian(head, loss_fn or default_loss)
+                H = _layer_hessian(head, loss_fn)
                 kappa = torch.einsum("su,stut->", head.W @ head.W.T, H)
             else:
                 if num_probes < 2:
@@ -241,9 +246,8 @@ def relative_flatness(
                 g = torch.Generator().manual_seed(int(seed))
                 samples = []
                 for _ in range(num_probes):
-                    Z = torch.randint(0, 2, (m, m), generator=g)
-                    Z = Z.to(device=head.W.device, dtype=head.W.dtype) * 2 - 1
-                    samples.append(_quad_form(head, loss_fn or default_loss, head.W @ Z))
+                    Z = rademacher(m, m, g, device=head.W.device, dtype=head.W.dtype)  # (m, m)
+                    samples.append(_quad_form(head, loss_fn, head.W @ Z))
                 samples = torch.stack(samples)
                 kappa, stderr = samples.mean(), samples.std() / num_probes**0.5
     scale = 1.0 / m if divide_by_m else 1.0
@@ -289,7 +293,7 @@ def relative_flatness_max(
                 blocks += torch.einsum("is,it,iv->stv", p * one_minus_p, phi, phi)
             blocks /= head.num_samples
         else:
-            H = _layer_hessian(head, loss_fn or default_loss)
+            H = _layer_hessian(head, loss_fn)
             blocks = torch.einsum("stsv->stv", H)
         top = torch.linalg.eigvalsh(blocks)[:, -1]  # (d,) largest eigenvalue per output
         return _finish(((head.W * head.W).sum(dim=1) * top).sum(), "κ_max")
@@ -326,7 +330,7 @@ def relative_flatness_col(
                 total = total + (trace_a * (z * z).sum(1)).sum()
             kappa = total / head.num_samples
         else:
-            H = _layer_hessian(head, loss_fn or default_loss)
+            H = _layer_hessian(head, loss_fn)
             kappa = torch.einsum("tv,stsv->", head.W.T @ head.W, H)
         return _finish(kappa, "κ_col")
 
@@ -365,6 +369,6 @@ def rho_sigma(
                 total = total + (phi * phi * col_var).sum()
             rho = total / head.num_samples
         else:
-            H = _layer_hessian(head, loss_fn or default_loss)
+            H = _layer_hessian(head, loss_fn)
             rho = torch.einsum("st,stut,ut->", W, H, W)
         return _finish(rho, "ρ_σ")

@@ -7,15 +7,11 @@ import math
 import torch
 from torch import nn
 
-from flatness.batches import LossFn, check_finite, default_loss, eval_mode
-from flatness.measures.relative import _collect_head, _Head
+from flatness.batches import LossFn, check_finite, eval_mode, loss_reduction
+from flatness.measures.relative import _collect_head
 
 #: Default number of Monte Carlo draws of A (each an antithetic pair ±A: 2 head evaluations).
 DEFAULT_SAMPLES = 100
-
-
-def _head_loss(head: _Head, loss_fn: LossFn, W: torch.Tensor) -> torch.Tensor:
-    return sum(head.weight(b) * loss_fn(head.logits(b, W), head.ys[b]) for b in range(len(head.ys)))
 
 
 def feature_robustness(
@@ -37,7 +33,7 @@ def feature_robustness(
     (Petzka et al. 2020, "Feature robustness"; the precursor of relative flatness). One matrix A
     per draw perturbs every sample's features φ_i ∈ R^m of the last ``nn.Linear`` W (d×m); with
     Var A_{kt} = 1/m, E‖δAφ‖² = δ²‖φ‖², so δ is the relative size of the perturbation. L is the
-    **mean** loss (default cross-entropy).
+    **mean** loss (default cross-entropy; a sum-reduced ``loss_fn`` gives the sum over samples).
 
     **Relation to κ^φ_Tr** (:func:`~flatness.measures.relative_flatness`). W(φ + δAφ) = (W + δWA)φ,
     so perturbing the features is perturbing W by δWA. Expanding in δ,
@@ -65,13 +61,12 @@ def feature_robustness(
         raise ValueError(f"num_samples must be at least 2, got {num_samples}")
     if not (math.isfinite(delta) and delta >= 0):
         raise ValueError(f"delta must be a finite non-negative number, got {delta}")
-    loss_fn = loss_fn or default_loss
+    loss_reduction(loss_fn)  # reject reduction="none" before any work
     with eval_mode(model), torch.no_grad():
         head = _collect_head(model, data)
         W = head.W
         m = W.shape[1]
-        base = _head_loss(head, loss_fn, W)
-        check_finite(base, "loss")
+        base = head.data_loss(loss_fn, W)
         # Draws on the CPU in float64, then cast: the same seed gives the same A in every dtype
         # and on every device (CPU and CUDA generators, float32 and float64 randn, differ).
         g = torch.Generator().manual_seed(int(seed))
@@ -80,7 +75,7 @@ def feature_robustness(
             A = torch.randn(m, m, generator=g, dtype=torch.float64) / math.sqrt(m)
             A = A.to(device=W.device, dtype=W.dtype)
             dW = delta * (W @ A)  # perturbing φ by δAφ == perturbing W by δWA
-            pair = _head_loss(head, loss_fn, W + dW) + _head_loss(head, loss_fn, W - dW)
+            pair = head.data_loss(loss_fn, W + dW) + head.data_loss(loss_fn, W - dW)
             draws.append(pair / 2 - base)
         draws = torch.stack(draws)
         value, stderr = draws.mean(), draws.std() / math.sqrt(num_samples)
