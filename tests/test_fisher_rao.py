@@ -103,9 +103,13 @@ def test_data_forms_agree(random_mlp64, fixture_data64):
 
 
 def test_float32_close_to_float64(net, fixture_data64):
+    # Same weights and inputs in both precisions (the float32 ones, cast up for the reference):
+    # rounding the memorised fixture's weights to float32 moves its loss, and so FR, by 1.2e-3 by
+    # itself; that is the model changing, not the measure's arithmetic being inaccurate.
     X, y = fixture_data64
-    v64 = fisher_rao_norm(net, (X, y))
-    v32 = fisher_rao_norm(copy.deepcopy(net).float(), (X.float(), y))
+    net32 = copy.deepcopy(net).float()
+    v64 = fisher_rao_norm(copy.deepcopy(net32).double(), (X.float().double(), y))
+    v32 = fisher_rao_norm(net32, (X.float(), y))
     assert rel(v32, v64) <= 1e-3
 
 
