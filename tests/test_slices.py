@@ -146,3 +146,16 @@ def test_regression_data_gives_nan_accuracy():
         net, (X, torch.zeros(5, 1, dtype=torch.float64)), loss_fn=nn.functional.mse_loss
     )
     assert loss > 0 and acc != acc  # NaN
+
+
+def test_sum_loss_over_many_chunks_is_the_sum():
+    # 600 samples span three default chunks: a sum-reduced loss must give N × the mean loss.
+    g = torch.Generator().manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(5, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)
+    ).double()
+    X = torch.randn(600, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (600,), generator=g)
+    mean_value, _ = evaluate_at(net, (X, y))
+    sum_loss, _ = evaluate_at(net, (X, y), loss_fn=torch.nn.CrossEntropyLoss(reduction="sum"))
+    assert abs(sum_loss - 600 * mean_value) <= 1e-10 * sum_loss

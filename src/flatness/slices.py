@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from flatness.batches import Batches, LossFn, check_finite, default_loss, eval_mode
+from flatness.batches import Batches, LossFn, check_finite, default_loss, eval_mode, loss_term
 
 Direction = Mapping[str, Tensor] | Sequence[Tensor]
 
@@ -59,14 +59,13 @@ def evaluate_at(
     with eval_mode(model):
         for X, y in batches:
             out = functional_call(model, params, (X,)) if params else model(X)
-            total += float(loss_fn(out, y)) * X.shape[0]
+            total += float(loss_term(loss_fn, out, y, batches.num_samples, check=False))
             if classify and out.dim() == 2 and not y.is_floating_point() and y.dim() == 1:
                 correct += int((out.argmax(dim=1) == y).sum())
             else:
                 classify = False
-    loss = total / batches.num_samples
-    check_finite(loss, "loss")
-    return float(loss), (correct / batches.num_samples if classify else float("nan"))
+    check_finite(total, "loss")
+    return float(total), (correct / batches.num_samples if classify else float("nan"))
 
 
 def _named(model: nn.Module, buffers: bool = False) -> dict[str, Tensor]:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from flatness.batches import Batches, LossFn, check_finite, default_loss, eval_mode
+from flatness.batches import Batches, LossFn, default_loss, eval_mode, loss_term
 
 
 class _FlatLoss:
@@ -36,9 +36,8 @@ class _FlatLoss:
         with torch.enable_grad() if grad else torch.no_grad():
             for X, y in self.batches:
                 # Per-batch backward keeps one batch's graph alive, not the whole data's.
-                term = self.loss_fn(functional_call(self.model, self._params(x), (X,)), y)
-                term = term * (X.shape[0] / n)
-                check_finite(term, "loss")
+                out = functional_call(self.model, self._params(x), (X,))
+                term = loss_term(self.loss_fn, out, y, n)
                 if grad:
                     term.backward()
                 total += float(term.detach())
