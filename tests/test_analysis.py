@@ -181,7 +181,7 @@ def test_runs_table_has_contract_columns_and_measure_values():
             steps=50,
             wall_time_s=1.0,
             status="ok",
-            history=[{"epoch": 1, "train_loss": 1.0}],
+            history=[{"epoch": 1, "train_loss": 1.0, "lr": 0.3}],
         )
         for r in runs
     }
