@@ -75,9 +75,12 @@ SelectTypeParameters=CR_Core_Memory
 MinJobAge=300
 ReturnToService=2
 GresTypes=gpu
+# A job the cluster can never run is refused by sbatch at once (the run fails with the reason)
+# instead of pending forever. No partition time limit: profiles ask for real-cluster runtimes.
+EnforcePartLimits=ALL
 NodeName=$host $layout RealMemory=8000 Gres=gpu:fake:2 State=UNKNOWN
-PartitionName=debug Nodes=$host Default=YES MaxTime=60 State=UP
-PartitionName=gpu Nodes=$host MaxTime=60 State=UP
+PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
+PartitionName=gpu Nodes=$host MaxTime=INFINITE State=UP
 EOF
 cat >"$S/gres.conf" <<EOF
 AutoDetect=off
