@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from benchmarks.harness import Row, Timing, failed_row, rel_diff, speed_row, time_fn
+from benchmarks.harness import Row, Timing, failed_row, rel_diff, speed_row, time_fn, time_pair
 from benchmarks.references import exact_trace_piecewise_linear, rangamani_power_iteration
 
 TOPIC_Q = "quotient sharpness"
@@ -130,9 +130,10 @@ def _hvp_rows(ctx, name: str, timed: dict) -> list[Row]:
     kept.matvec(v)  # builds the kept graph outside the timing: "one cached HVP"
     cached_t, _ = time_fn(lambda: kept.matvec(v), ctx.device, 3)
     recompute = HessianOperator(model, data, graph_budget_bytes=0)
-    recompute_t, _ = time_fn(lambda: recompute.matvec(v), ctx.device, n_rep)
     # The unit: one gradient over the same chunks (the recompute operator never keeps a graph).
-    grad_t, _ = time_fn(recompute.gradient, ctx.device, n_rep)
+    recompute_t, grad_t, _, _ = time_pair(
+        lambda: recompute.matvec(v), recompute.gradient, ctx.device, n_rep
+    )
     for label, t in (("kept graph", cached_t), ("recompute per chunk", recompute_t)):
         rows.append(
             speed_row(
@@ -242,21 +243,22 @@ def _pyhessian_rows(ctx, name: str) -> list[Row]:
     n_rep = ctx.repeats()
     rows = []
 
-    # Top eigenvalue at PyHessian's defaults (power iteration, maxIter 100, tol 1e-3).
-    ref, (pyh_eigs, _) = time_fn(
-        lambda: _pyhessian(model, X, y, ctx.device).eigenvalues(maxIter=100, tol=1e-3),
-        ctx.device,
-        n_rep,
-    )
-    _zero_grads(model)
-    pyh_lam = float(pyh_eigs[0])
+    # Top eigenvalue at PyHessian's defaults (power iteration, maxIter 100, tol 1e-3), both
+    # judged against a tightly converged Lanczos value.
     op = HessianOperator(model, (X, y))
     tight = top_eigenvalues(op.matvec, op.num_params, 1, tol=1e-8, device=ctx.device, dtype=X.dtype)
     lam_true = float(tight.eigenvalues[0])
     op.close()
+
+    def pyhessian_top():
+        eigs, _ = _pyhessian(model, X, y, ctx.device).eigenvalues(maxIter=100, tol=1e-3)
+        _zero_grads(model)  # drop the graph it leaves in .grad
+        return float(eigs[0])
+
     try:
-        ours, lam = time_fn(
+        ours, ref, lam, pyh_lam = time_pair(
             lambda: call_measure(hessian_max_eigenvalue, model, (X, y), tol=1e-3),
+            pyhessian_top,
             ctx.device,
             n_rep,
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.harness import Row, failed_row, rel_diff, speed_row, time_fn
+from benchmarks.harness import Row, failed_row, rel_diff, speed_row, time_fn, time_pair
 from benchmarks.references import petzka_exact_kappa
 
 TOPIC = "relative flatness"
@@ -32,9 +32,13 @@ def _model_rows(ctx, name: str) -> list[Row]:
     model = ctx.model(name, torch.float64)
     X, y = ctx.eval_data(dtype=torch.float64)
     d, m = last_linear(model).weight.shape
-    fwd, _ = time_fn(lambda: _forward_pass(model, X), ctx.device, ctx.repeats())
     try:
-        ours, kappa = time_fn(lambda: relative_flatness(model, (X, y)), ctx.device, ctx.repeats())
+        ours, fwd, kappa, _ = time_pair(
+            lambda: relative_flatness(model, (X, y)),
+            lambda: _forward_pass(model, X),
+            ctx.device,
+            ctx.repeats(),
+        )
     except Exception as exc:  # noqa: BLE001
         rows.append(failed_row(TOPIC, f"{name}: κ_Tr closed form", exc))
         return rows

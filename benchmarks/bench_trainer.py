@@ -10,7 +10,7 @@ import tempfile
 import torch
 from torch import nn
 
-from benchmarks.harness import Row, failed_row, speed_row, time_fn
+from benchmarks.harness import Row, failed_row, speed_row, time_fn, time_pair
 from benchmarks.references import fam_authors_step
 
 TOPIC = "trainer"
@@ -65,8 +65,9 @@ def _fam_rows(ctx, name: str) -> list[Row]:
     def authors(net, opt, X, y):
         fam_authors_step(net, opt, X, y, lam=LAM)
 
-    t_ours, _ = time_fn(_steps(ours, model, batches), ctx.device, reps)
-    t_plain, _ = time_fn(_steps(plain, model, batches), ctx.device, reps)
+    t_ours, t_plain, _, _ = time_pair(
+        _steps(ours, model, batches), _steps(plain, model, batches), ctx.device, reps
+    )
     # The released FAM step takes seconds on the MLP (d·m = 5,120 backward passes): few steps.
     few = batches[: 1 if ctx.quick else 3]
     t_auth_few, _ = time_fn(_steps(authors, model, few), ctx.device, 1, warmup=1)
@@ -123,9 +124,12 @@ def _throughput_rows(ctx, name: str) -> list[Row]:
         "device": ctx.device.type,
     }
     with tempfile.TemporaryDirectory() as tmp:
-        t_trainer, metrics = time_fn(lambda: train_run(cfg, tmp), ctx.device, ctx.repeats())
-        t_bare, bare_acc = time_fn(lambda: _bare_loop(ctx, name, epochs, tmp), ctx.device,
-                                   ctx.repeats())  # fmt: skip
+        t_trainer, t_bare, metrics, bare_acc = time_pair(
+            lambda: train_run(cfg, tmp),
+            lambda: _bare_loop(ctx, name, epochs, tmp),
+            ctx.device,
+            ctx.repeats(),
+        )
     row = speed_row(
         TOPIC,
         f"{name}: trainer (train_run) vs bare PyTorch loop, {epochs} epochs, batch {BATCH}",
@@ -191,8 +195,7 @@ def _loader_rows(ctx, name: str) -> list[Row]:
                 seen += xb.shape[0]
         return seen
 
-    t_ours, _ = time_fn(ours, ctx.device, ctx.repeats())
-    t_ref, _ = time_fn(ref, ctx.device, ctx.repeats())
+    t_ours, t_ref, _, _ = time_pair(ours, ref, ctx.device, ctx.repeats())
     row = speed_row(
         TOPIC,
         f"mnist5k: device-resident TensorLoader vs torch DataLoader, {epochs} epochs of batch {BATCH}",

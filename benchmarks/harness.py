@@ -52,6 +52,26 @@ def time_fn(fn: Callable[[], object], device: torch.device, repeats: int = 3, wa
     return Timing(statistics.median(runs), min(runs), max(runs), runs), result
 
 
+def time_pair(fn_a, fn_b, device: torch.device, repeats: int = 3, warmup: int = 1):
+    """Time two functions with their repeats interleaved (a b, b a, a b, ...), so that a change
+    of machine load during the run hits both sides alike. Returns ``(Timing_a, Timing_b,
+    result_a, result_b)``."""
+    res = {0: None, 1: None}
+    fns = (fn_a, fn_b)
+    for _ in range(warmup):
+        res = {0: fn_a(), 1: fn_b()}
+    runs: dict[int, list[float]] = {0: [], 1: []}
+    for r in range(max(1, repeats)):
+        for k in (0, 1) if r % 2 == 0 else (1, 0):
+            synchronize(device)
+            start = time.perf_counter()
+            res[k] = fns[k]()
+            synchronize(device)
+            runs[k].append(time.perf_counter() - start)
+    a, b = (Timing(statistics.median(x), min(x), max(x), x) for x in (runs[0], runs[1]))
+    return a, b, res[0], res[1]
+
+
 def _status_kib(key: str) -> int | None:
     try:
         with open("/proc/self/status") as f:
