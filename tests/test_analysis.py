@@ -235,3 +235,20 @@ def test_findings_sentences_follow_the_numbers():
         an.findings(runs, flipped, pd.DataFrame(columns=["axis"]), batch.iloc[0:0], inv.iloc[0:0])
     )
     assert "against 'flat minima generalise'" in text
+
+
+def test_seed_summary_mean_and_std_over_seeds():
+    runs = grid_runs(lambda bs, reg, s: bs + s, lambda bs, reg, s: 0.1 * s)
+    for col in ("train_loss", "test_loss", "train_acc", "test_acc", "epochs"):
+        runs[col] = 1.0
+    runs.loc[0, "status"] = "diverged"  # none-32-0: left out of its group
+    table = an.seed_summary(runs, ["m"]).set_index(["regularizer", "batch_size"])
+    assert len(table) == 6
+    row = table.loc[("sam", 1024)]
+    assert row["seeds"] == 2
+    assert row["m_mean"] == pytest.approx(1024.5) and row["m_std"] == pytest.approx(
+        np.std([0, 1], ddof=1)
+    )
+    assert row["gap_loss_mean"] == pytest.approx(0.05)
+    lone = table.loc[("none", 32)]
+    assert lone["seeds"] == 1 and lone["m_mean"] == 33 and math.isnan(lone["m_std"])

@@ -101,6 +101,24 @@ def history_table(
     return pd.concat(frames, ignore_index=True)
 
 
+def seed_summary(runs: pd.DataFrame, measures: Sequence[str]) -> pd.DataFrame:
+    """Mean and std over seeds of the outcomes and measures, per setting of the other axes.
+
+    One row per (dataset, model, optimizer, regularizer, batch_size, lr); columns ``<col>_mean``
+    and ``<col>_std`` (sample std, NaN for one seed) and ``seeds`` (runs that did not diverge).
+    """
+    keys = [a for a in AXES if a != "seed"]
+    values = ["train_loss", "test_loss", "train_acc", "test_acc", "gap_loss", "gap_acc", "epochs"]
+    values += [m for m in measures if m not in values]
+    ok = runs[runs["status"] == "ok"]
+    grouped = ok.groupby(keys, sort=True, dropna=False)[values]
+    mean, std = grouped.mean().add_suffix("_mean"), grouped.std(ddof=1).add_suffix("_std")
+    out = pd.concat([mean, std], axis=1)
+    out = out[[f"{v}_{s}" for v in values for s in ("mean", "std")]]
+    out.insert(0, "seeds", grouped.size())
+    return out.reset_index()
+
+
 # --------------------------------------------------------------------------------------------
 # Correlations
 

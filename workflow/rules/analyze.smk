@@ -59,6 +59,12 @@ rule analyze:
             category="Tables",
             labels={"table": "invariance ratios"},
         ),
+        summary=report(
+            "results/tables/summary.csv",
+            caption="../report/summary.rst",
+            category="Tables",
+            labels={"table": "mean and std over seeds"},
+        ),
         markdown="results/tables/analysis.md",
         findings="results/tables/findings.md",
         findings_html=report(

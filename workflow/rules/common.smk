@@ -88,8 +88,19 @@ def report_inputs():
     ]
     if PAIRS:
         figures.append("results/figures/interpolation.png")
-    return figures + [
-        "results/tables/runs.csv",
-        "results/tables/findings.html",
-        "results/tables/analysis.md",
+    tables = [
+        "runs",
+        "measures_long",
+        "kendall",
+        "granulated_kendall",
+        "batch_comparison",
     ]
+    tables += ["invariance", "summary"] + (["interpolation"] if PAIRS else [])
+    return (
+        figures
+        + [f"results/tables/{t}.csv" for t in tables]
+        + [
+            "results/tables/findings.html",
+            "results/tables/analysis.md",
+        ]
+    )
