@@ -127,6 +127,7 @@ class Context:
     X: torch.Tensor
     y: torch.Tensor
     models: dict = field(default_factory=dict)
+    train_acc: dict = field(default_factory=dict)
 
     @property
     def n_eval(self) -> int:
@@ -163,4 +164,8 @@ def make_context(out_dir: str, quick: bool, device: torch.device | None = None) 
         net = train_briefly(build(name), X, y, epochs)
         ctx.models[name] = {k: v.detach().cpu() for k, v in net.state_dict().items()}
         torch.save(ctx.models[name], path)
+    with torch.no_grad():  # where the curvature is measured: recorded in results.json
+        for name in ctx.models:
+            logits = ctx.model(name)(X.to(device))
+            ctx.train_acc[name] = float((logits.argmax(1).cpu() == y).float().mean())
     return ctx

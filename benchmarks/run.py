@@ -88,7 +88,7 @@ def main(argv=None) -> int:
 
     start = time.perf_counter()
     ctx = make_context(args.out, quick=args.quick)
-    print(f"setup (data, trained models) {time.perf_counter() - start:.1f} s", flush=True)
+    print(f"setup {time.perf_counter() - start:.1f} s, train accuracy {ctx.train_acc}", flush=True)
     rows = [_reference_check_row()]
     for topic in args.only or list(TOPICS):
         t0 = time.perf_counter()
@@ -108,6 +108,7 @@ def main(argv=None) -> int:
         "torch": torch.__version__,
         "total_s": round(time.perf_counter() - start, 1),
         "n_eval": ctx.n_eval,
+        "train_acc": ctx.train_acc,
     }
     json_path, md_path = write_results(rows, args.out, meta)
     print(markdown_table(rows))
