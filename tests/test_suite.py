@@ -17,6 +17,7 @@ from flatness.suite import (
     batch_pairs,
     expand_grid,
     format_lr,
+    interpolation_table,
     measure_model,
     measure_run,
     measure_specs,
@@ -263,3 +264,15 @@ def test_grid_exclude_couples_optimizer_settings_to_batch_sizes_and_pairs_across
     cfg["grid"]["exclude"] = [{"optimizer": "adam"}]
     with pytest.raises(ValueError, match=r"grid.exclude\[0\].optimizer"):
         expand_grid(cfg)
+
+
+def test_interpolation_table_end_points_and_a_diverged_model(fixture_data64):
+    a, b = make_mlp(seed=0), make_mlp(seed=1)
+    rows = interpolation_table(a, b, {"train": fixture_data64}, [0.0, 0.5, 1.0])
+    assert [r["alpha"] for r in rows] == [0.0, 0.5, 1.0] and all(r["note"] == "" for r in rows)
+    loss_b = float(nn.functional.cross_entropy(b(fixture_data64[0]), fixture_data64[1]))
+    assert rows[2]["loss"] == pytest.approx(loss_b)
+    with torch.no_grad():
+        b[0].weight.fill_(float("nan"))
+    bad = interpolation_table(a, b, {"train": fixture_data64}, [0.0, 1.0])
+    assert all(math.isnan(r["loss"]) and "not finite" in r["note"] for r in bad)

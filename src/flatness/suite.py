@@ -368,3 +368,40 @@ def measure_run(
         run_id=run_id,
         dinh_layer=int(measure_cfg.get("dinh_layer", -2)),
     )
+
+
+def interpolation_table(
+    small: nn.Module,
+    large: nn.Module,
+    splits: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    alphas: Sequence[float],
+    n_samples: int | None = None,
+) -> list[dict]:
+    """Keskar's 1-D plot on each split: rows ``split, alpha, loss, accuracy, note``.
+
+    Loss at (1 − α)θ_small + αθ_large via :func:`flatness.slices.interpolate_loss` on the first
+    ``n_samples`` of each split. A non-finite loss (e.g. a diverged end point) gives a NaN row with
+    the reason instead of failing the job.
+    """
+    from flatness.slices import interpolate_loss
+
+    dtype = next(small.parameters()).dtype
+    rows = []
+    for split, (X, y) in splits.items():
+        if n_samples:
+            X, y = X[:n_samples], y[:n_samples]
+        for alpha in alphas:  # one α at a time: a non-finite point does not blank the rest
+            try:
+                (r,) = interpolate_loss(small, large, (X.to(dtype), y), [alpha]).to_dict("records")
+                rows.append(dict(split=split, **r, note=""))
+            except ValueError as err:
+                rows.append(
+                    dict(
+                        split=split,
+                        alpha=float(alpha),
+                        loss=math.nan,
+                        accuracy=math.nan,
+                        note=str(err),
+                    )
+                )
+    return rows
