@@ -31,19 +31,19 @@ for bin in "${!PKG[@]}"; do
 done
 [[ ${#missing[@]} -eq 0 ]] && exit 0
 
-[[ $(id -u) -eq 0 ]] || fail "not root; cannot install ${missing[*]}"
+[[ $EUID -eq 0 ]] || fail "not root; cannot install ${missing[*]}"
 command -v apt-get >/dev/null 2>&1 || fail "no apt-get; install ${missing[*]} by hand"
 
 export DEBIAN_FRONTEND=noninteractive
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 install() {
-  apt-get install -y -q --no-install-recommends "${missing[@]}" >"$log" 2>&1
+  apt-get install -y -q --no-install-recommends -o DPkg::Lock::Timeout=300 "${missing[@]}" >"$log" 2>&1
 }
 start=$SECONDS
 # Package lists may be absent or stale on a fresh machine: refresh once and retry before giving up.
 if ! install; then
-  apt-get update -q >>"$log" 2>&1 && install || {
+  apt-get update -q -o DPkg::Lock::Timeout=300 >>"$log" 2>&1 && install || {
     tail -n 20 "$log" >&2
     fail "apt-get install ${missing[*]} failed"
   }

@@ -29,8 +29,6 @@ from tests.workflow_helpers import tiny_study  # noqa: F401
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "tests" / "artifacts"
 
-pytestmark = [pytest.mark.browser, pytest.mark.slow]
-
 # The flags under which Debian's chromium runs as root in a closed-network container.
 CHROMIUM_FLAGS = [
     "--headless",
@@ -244,6 +242,8 @@ def test_declared_report_items_are_found():
     assert all(i["labels"] for i in items), "every reported item should carry labels"
 
 
+@pytest.mark.slow
+@pytest.mark.browser
 def test_report_renders_every_declared_figure_and_table(tiny_study):  # noqa: F811
     require(chromium_binary() is not None, "Debian's chromium is not installed")
     report = tiny_study.report_html
