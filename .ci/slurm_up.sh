@@ -32,6 +32,7 @@ mkdir -p "$S"/{state,spool,log,run,munge}
 # Anything failing from here on: stop what was started, remove the dir.
 trap 'say "failed; tearing down"; bash "$here/slurm_down.sh" "$S" >&2 || true' ERR
 
+# The node is this machine under its short name; addresses are loopback so no DNS is needed.
 host=$(hostname -s)
 # Port pair chosen per cluster so a stale daemon from an earlier run cannot answer for this one.
 port=$((20000 + RANDOM % 20000))
@@ -45,11 +46,14 @@ runuser -u munge -- munged --socket="$S/munge/munge.socket.2" --key-file="$S/mun
 
 # --- slurm.conf / gres.conf ---
 # CPU layout as slurmd sees it, memory capped below the machine's (jobs are not memory-limited here).
-layout=$(slurmd -C | head -n1 | sed -e 's/^NodeName=[^ ]* //' -e 's/ RealMemory=[0-9]*//')
+hw=$(slurmd -C | head -n1)
+layout=$(sed -e 's/^NodeName=[^ ]* //' -e 's/ RealMemory=[0-9]*//' <<<"$hw")
+real_mb=$(grep -o 'RealMemory=[0-9]*' <<<"$hw" | cut -d= -f2)
+mem_mb=$((real_mb < 8000 ? real_mb : 8000))  # more than the machine has would drain the node
 touch "$S/fakegpu0" "$S/fakegpu1"
 cat >"$S/slurm.conf" <<EOF
 ClusterName=flatnesstest
-SlurmctldHost=$host
+SlurmctldHost=$host(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -78,7 +82,7 @@ GresTypes=gpu
 # A job the cluster can never run is refused by sbatch at once (the run fails with the reason)
 # instead of pending forever. No partition time limit: profiles ask for real-cluster runtimes.
 EnforcePartLimits=ALL
-NodeName=$host $layout RealMemory=8000 Gres=gpu:fake:2 State=UNKNOWN
+NodeName=$host NodeAddr=127.0.0.1 $layout RealMemory=$mem_mb Gres=gpu:fake:2 State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
 PartitionName=gpu Nodes=$host MaxTime=INFINITE State=UP
 EOF
@@ -86,6 +90,7 @@ cat >"$S/gres.conf" <<EOF
 AutoDetect=off
 NodeName=$host Name=gpu Type=fake File=$S/fakegpu[0-1]
 EOF
+mkdir -p /etc/slurm
 ln -s "$S/slurm.conf" /etc/slurm/slurm.conf
 ln -s "$S/gres.conf" /etc/slurm/gres.conf
 
