@@ -13,14 +13,11 @@ import torch
 from torch import nn
 
 from benchmarks.harness import Row, Timing, failed_row, rel_diff, speed_row, time_fn, time_pair
-from benchmarks.references import exact_trace_piecewise_linear, rangamani_power_iteration
+from benchmarks.references import rangamani_power_iteration
 
 TOPIC_Q = "quotient sharpness"
 TOPIC_P = "PyHessian"
 TOPIC_H = "HVP / Lanczos"
-
-#: Modules under which each logit is multilinear in every single parameter (exact-trace identity).
-PIECEWISE_LINEAR = (nn.Linear, nn.Conv2d, nn.ReLU, nn.MaxPool2d, nn.Flatten, nn.Sequential)
 
 
 def call_measure(fn, model, data, **wanted):
@@ -218,19 +215,63 @@ def _pyhessian(model, X, y, device):
 
 
 def _exact_trace(ctx, model, X, y) -> tuple[float, str]:
-    """The exact trace when the net is piecewise linear, else a many-probe Hutchinson mean."""
-    if all(isinstance(m, PIECEWISE_LINEAR) for m in model.modules()):
-        return exact_trace_piecewise_linear(model, X, y), "exact"
+    """The library's exact trace (``hessian_trace``, auto: the GGN identity on piecewise-linear
+    nets), else a many-probe Hutchinson mean."""
+    from flatness.ggn import piecewise_linear_offender
+    from flatness.measures import hessian_trace
+
+    if piecewise_linear_offender(model) is None:
+        return hessian_trace(model, (X, y), method="ggn_exact"), "exact GGN"
+    return _hutchinson_reference(ctx, model, X, y)[0], f"{_reference_probes(ctx)}-probe Hutchinson"
+
+
+def _reference_probes(ctx) -> int:
+    return 100 if ctx.quick else 1000
+
+
+def _hutchinson_reference(ctx, model, X, y) -> tuple[float, float]:
+    """An independent trace: plain Hutchinson on HVPs, 1,000 Rademacher probes (100 with --quick)."""
     from flatness.hutchinson import hutchinson_trace
     from flatness.hvp import HessianOperator
 
-    probes = 100 if ctx.quick else 1000
-    op = HessianOperator(model, (X, y))
-    gen = torch.Generator().manual_seed(123)
-    est, _ = hutchinson_trace(
-        op.matvec, op.num_params, probes, gen, device=ctx.device, dtype=X.dtype
+    with HessianOperator(model, (X, y)) as op:
+        gen = torch.Generator().manual_seed(123)
+        est, se = hutchinson_trace(
+            op.matvec, op.num_params, _reference_probes(ctx), gen, device=ctx.device, dtype=X.dtype
+        )
+    return float(est), float(se)
+
+
+def _exact_trace_row(ctx, name: str, model, X, y, pyh_t) -> Row:
+    """hessian_trace's default (exact GGN here) vs PyHessian's trace, judged against the
+    independent Hutchinson reference (within 4 of its standard errors)."""
+    from flatness.measures import hessian_trace
+
+    label = f"{name}: hessian_trace (auto: exact GGN) vs PyHessian trace"
+    try:
+        ours_t, (tr, se) = time_fn(
+            lambda: hessian_trace(model, (X, y), return_stderr=True), ctx.device, ctx.repeats()
+        )
+    except Exception as exc:  # noqa: BLE001
+        return failed_row(TOPIC_P, label, exc)
+    ref_tr, ref_se = _hutchinson_reference(ctx, model, X, y)
+    k = _reference_probes(ctx)
+    ok = se == 0.0 and abs(tr - ref_tr) <= 4 * ref_se
+    row = speed_row(
+        TOPIC_P,
+        label,
+        ours_t,
+        pyh_t,
+        min_speedup=1.0,
+        agreement=(
+            f"trace {tr:.6g} (stderr {se:g}) vs {k}-probe Hutchinson {ref_tr:.6g} ± {ref_se:.3g}"
+            " (≤ 4 stderr)"
+        ),
+        agree_ok=ok,
+        notes=f"N = {X.shape[0]}",
+        extra={"ours": tr, "reference": ref_tr, "reference_se": ref_se, "probes": k},
     )
-    return float(est), f"{probes}-probe Hutchinson"
+    return row
 
 
 def _pyhessian_rows(ctx, name: str) -> list[Row]:
@@ -291,6 +332,7 @@ def _pyhessian_rows(ctx, name: str) -> list[Row]:
     pyh_tr = float(samples.mean())
     pyh_se = float(samples.std(ddof=1) / math.sqrt(n_hvp)) if n_hvp > 1 else float("inf")
     exact_t, (exact, how) = time_fn(lambda: _exact_trace(ctx, model, X, y), ctx.device, 1, 0)
+    rows.append(_exact_trace_row(ctx, name, model, X, y, ref_t))
     try:
         ours_t, (tr, se) = time_fn(
             lambda: _our_trace(hessian_trace, model, (X, y), n_hvp), ctx.device, 1, warmup=0
@@ -332,7 +374,7 @@ def _our_trace(hessian_trace, model, data, n_hvp: int):
     params = inspect.signature(hessian_trace).parameters
     for key in ("num_matvecs", "num_hvps", "num_probes", "num_samples", "probes", "n_samples"):
         if key in params:
-            out = hessian_trace(model, data, **{key: n_hvp}, return_stderr=True)
+            out = hessian_trace(model, data, **{key: n_hvp}, return_stderr=True)  # Hutch++
             return float(out[0]), float(out[1])
     out = hessian_trace(model, data, return_stderr=True)
     return float(out[0]), float(out[1])

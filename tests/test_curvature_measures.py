@@ -69,6 +69,20 @@ def test_max_eigenvalue_matches_dense(net, fixture_data64, method):
     assert rel(default, dense_top(net, X, y)) <= 1e-4
 
 
+@pytest.mark.parametrize("tol", [1e-2, 1e-3, 1e-4])
+def test_max_eigenvalue_within_tol_and_fewer_matvecs_when_looser(
+    net, fixture_data64, tol, monkeypatch
+):
+    X, y = fixture_data64
+    ref = dense_top(net, X, y)
+    counts = []
+    for t in (tol, tol / 100):
+        count = _CountMatvecs(monkeypatch)
+        assert rel(hessian_max_eigenvalue(net, (X, y), tol=t), ref) <= t
+        counts.append(count.calls)
+    assert counts[0] < counts[1]  # a looser tol stops earlier
+
+
 def test_max_eigenvalue_on_parameter_subset(trained_mlp64, fixture_data64):
     X, y = fixture_data64
     H = dense_hessian(trained_mlp64, X, y, names={"2.weight"})
@@ -76,9 +90,10 @@ def test_max_eigenvalue_on_parameter_subset(trained_mlp64, fixture_data64):
     assert rel(lam, float(torch.linalg.eigvalsh(H)[-1])) <= 1e-8
 
 
-def test_trace_exact_matches_dense(net, fixture_data64):
+@pytest.mark.parametrize("method", ["auto", "ggn_exact", "dense"])
+def test_trace_exact_matches_dense(net, fixture_data64, method):
     X, y = fixture_data64
-    value, se = hessian_trace(net, (X, y), return_stderr=True)
+    value, se = hessian_trace(net, (X, y), method=method, return_stderr=True)
     assert se == 0.0
     assert rel(value, float(torch.trace(dense_hessian(net, X, y)))) <= 1e-8
 
@@ -91,12 +106,12 @@ def test_trace_stochastic_within_its_stderr(net, fixture_data64, seed):
     assert 0 < se and abs(v - exact) <= 4 * se
     # Adaptive rounds (forced past the exact path): stop at 2% relative stderr or the cap.
     v, se = hessian_trace(
-        net, (X, y), exact_max_params=0, max_probes=1000, seed=seed, return_stderr=True
+        net, (X, y), method="hutchpp", max_probes=1000, seed=seed, return_stderr=True
     )
     assert abs(v - exact) <= 4 * se
     assert se <= 0.02 * abs(v)
     capped = hessian_trace(
-        net, (X, y), exact_max_params=0, rel_stderr=1e-9, max_probes=40, return_stderr=True
+        net, (X, y), method="hutchpp", rel_stderr=1e-9, max_probes=40, return_stderr=True
     )
     assert capped[1] > 1e-9 * abs(capped[0])  # the cap, not the target, ended it
     assert hessian_trace(net, (X, y), num_probes=45, seed=seed) == hessian_trace(
@@ -422,7 +437,7 @@ def test_trace_default_is_two_stage_with_a_warned_cap(net, fixture_data64, monke
     count = _CountMatvecs(monkeypatch)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the target is reachable: no cap warning
-        v, se = hessian_trace(net, (X, y), exact_max_params=0, max_probes=2000, return_stderr=True)
+        v, se = hessian_trace(net, (X, y), method="hutchpp", max_probes=2000, return_stderr=True)
     assert se <= 0.02 * abs(v)
     # Pilot (sketch 10 + 10 probes) + main stage, whose count is fixed: the reported estimate
     # is a fresh Hutch++ run with exactly that count after the pilot's draws.
@@ -432,7 +447,7 @@ def test_trace_default_is_two_stage_with_a_warned_cap(net, fixture_data64, monke
     assert ref.pilot_matvecs == 30 and count.calls == 30 + ref.num_matvecs
     assert v == pytest.approx(ref.value, rel=1e-9) and se == pytest.approx(ref.stderr, rel=1e-6)
     with pytest.warns(RuntimeWarning, match="capped at max_matvecs=40"):
-        hessian_trace(net, (X, y), exact_max_params=0, max_probes=40)
+        hessian_trace(net, (X, y), method="hutchpp", max_probes=40)
 
 
 def _dense_matvec(model, X, y):
@@ -509,3 +524,181 @@ def test_eigsh_non_convergence_warns_or_fails_clearly(monkeypatch, trained_mlp64
     with pytest.warns(RuntimeWarning, match="eigsh did not reach"):
         lam = hessian_max_eigenvalue(trained_mlp64, fixture_data64, method="eigsh", tol=TIGHT)
     assert rel(lam, dense_top(trained_mlp64, *fixture_data64)) <= 1e-8
+
+
+# --- exact GGN trace of piecewise-linear nets (flatness.ggn) ------------------------------------
+
+
+def _conv_net(seed=0) -> nn.Module:
+    """Conv + BatchNorm (eval, non-trivial running stats) + in-place ReLU + max-pool, a grouped
+    reflect-padded conv, LeakyReLU, avg-pool, dropout, nested Sequential: piecewise linear."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+        nn.Sequential(
+            nn.Conv2d(4, 4, 3, padding=1, groups=2, padding_mode="reflect"), nn.LeakyReLU(0.1)
+        ),
+        nn.AvgPool2d(2),
+        nn.Flatten(),
+        nn.Dropout(0.2),
+        nn.Linear(16, 5),
+        nn.ReLU(),
+        nn.Linear(5, 3),
+    ).double()
+    bn = net[1]
+    bn.running_mean.copy_(torch.randn(4, dtype=torch.float64) * 0.3)
+    bn.running_var.copy_(torch.rand(4, dtype=torch.float64) + 0.5)
+    nn.init.normal_(bn.weight, 1.0, 0.3)
+    nn.init.normal_(bn.bias, 0.0, 0.3)
+    return net.train()  # the measure must switch to eval() (BN running stats, dropout off)
+
+
+def _conv1d_net() -> nn.Module:
+    """Conv1d (stride, dilation, padding, no bias) + BatchNorm1d + max-pool."""
+    torch.manual_seed(1)
+    return nn.Sequential(
+        nn.Conv1d(2, 3, 3, stride=2, dilation=2, padding=2, bias=False),
+        nn.BatchNorm1d(3),
+        nn.ReLU(),
+        nn.MaxPool1d(2),
+        nn.Flatten(),
+        nn.Linear(9, 3),
+    ).double()
+
+
+def _conv3d_net() -> nn.Module:
+    """Conv3d: the generic (torch.func) per-sample path."""
+    torch.manual_seed(2)
+    return nn.Sequential(
+        nn.Conv3d(1, 2, 2), nn.ReLU(), nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(2, 3)
+    ).double()
+
+
+CONV_CASES = {
+    "conv2d_bn_maxpool": (_conv_net, (20, 1, 8, 8)),
+    "conv1d_bn": (_conv1d_net, (20, 2, 12)),
+    "conv3d": (_conv3d_net, (20, 1, 3, 3, 3)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONV_CASES))
+def test_ggn_exact_trace_matches_dense_on_conv_nets(case):
+    make, shape = CONV_CASES[case]
+    net = make()
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(*shape, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (shape[0],), generator=g)
+    dense = float(torch.trace(dense_hessian(net, X, y)))
+    snap = snapshot(net)
+    value, se = hessian_trace(net, (X, y), method="ggn_exact", return_stderr=True)
+    assert se == 0.0 and rel(value, dense) <= 1e-8
+    assert hessian_trace(net, (X, y)) == value  # auto takes the exact GGN path
+    assert net.training and all(m.training for m in net.modules())  # mode restored
+    assert unchanged(net, snap)
+    bn = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert all(int(m.num_batches_tracked) == 0 for m in bn)  # running stats untouched
+
+
+def test_ggn_exact_chunking_and_data_forms_agree(trained_mlp64, fixture_data64):
+    X, y = fixture_data64
+    ref = hessian_trace(trained_mlp64, (X, y), method="ggn_exact")
+    batches = [(X[i : i + 20], y[i : i + 20]) for i in range(0, 64, 20)]  # unequal last batch
+    assert rel(hessian_trace(trained_mlp64, batches, method="ggn_exact"), ref) <= 1e-12
+    assert rel(hessian_trace(trained_mlp64, iter(batches), method="ggn_exact"), ref) <= 1e-12
+    for chunk in (1, 7, None):
+        assert rel(hessian_trace(trained_mlp64, (X, y), chunk_size=chunk), ref) <= 1e-12
+    net = _conv_net()
+    g = torch.Generator().manual_seed(4)
+    Xc = torch.randn(30, 1, 8, 8, generator=g, dtype=torch.float64)
+    yc = torch.randint(0, 3, (30,), generator=g)
+    full = hessian_trace(net, (Xc, yc), method="ggn_exact", chunk_size=None)
+    assert rel(hessian_trace(net, (Xc, yc), method="ggn_exact", chunk_size=4), full) <= 1e-12
+
+
+def test_ggn_exact_soft_targets_and_ignored_labels(random_mlp64, fixture_data64):
+    X, y = fixture_data64
+    soft = torch.softmax(torch.randn(64, 4, generator=torch.Generator().manual_seed(5)), 1).double()
+    dense = float(torch.trace(dense_hessian(random_mlp64, X, soft)))
+    assert rel(hessian_trace(random_mlp64, (X, soft), method="ggn_exact"), dense) <= 1e-8
+    ignored = y.clone()
+    ignored[::3] = -100  # cross_entropy's ignore_index: left out of each batch's mean
+    for chunk in (None, 16):  # batches weighted as loss_term does (n_b / N per batch mean)
+        data = [
+            (X[i : i + (chunk or 64)], ignored[i : i + (chunk or 64)])
+            for i in range(0, 64, chunk or 64)
+        ]
+        H = sum(dense_hessian(random_mlp64, Xb, yb) * (Xb.shape[0] / 64) for Xb, yb in data)
+        got = hessian_trace(random_mlp64, data, method="ggn_exact")
+        assert rel(got, float(torch.trace(H))) <= 1e-8
+
+
+def test_ggn_exact_refuses_non_piecewise_linear_and_auto_falls_back(fixture_data64, monkeypatch):
+    from flatness import ggn
+    from flatness.measures import curvature
+
+    X, y = fixture_data64
+    torch.manual_seed(0)
+    tanh = nn.Sequential(nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 4)).double()
+
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(12, 12)
+
+        def forward(self, x):
+            return x + self.lin(x)
+
+    residual = nn.Sequential(Residual(), nn.ReLU(), nn.Linear(12, 4)).double()
+    shared_lin = nn.Linear(12, 12)
+    shared = nn.Sequential(shared_lin, nn.ReLU(), shared_lin, nn.Linear(12, 4)).double()
+    softmax_inside = nn.Sequential(nn.Linear(12, 4), nn.Softmax(dim=1)).double()
+    no_stats = nn.Sequential(nn.Linear(12, 4), nn.BatchNorm1d(4, track_running_stats=False))
+    cases = {
+        "Tanh": tanh,
+        "Residual": residual,
+        "used more than once": shared,
+        "Softmax": softmax_inside,
+        "running statistics": no_stats.double(),
+    }
+    for what, net in cases.items():
+        with pytest.raises(ValueError, match=what):
+            hessian_trace(net, (X, y), method="ggn_exact")
+    with pytest.raises(ValueError, match="loss_fn"):
+        hessian_trace(tanh, (X, y), method="ggn_exact", loss_fn=nn.CrossEntropyLoss())
+    with pytest.raises(ValueError, match="num_probes"):
+        hessian_trace(tanh, (X, y), method="ggn_exact", num_probes=10)
+    with pytest.raises(ValueError, match="method"):
+        hessian_trace(tanh, (X, y), method="exact")
+
+    # auto: never the GGN path for these; the dense exact trace (n ≤ exact_max_params) instead.
+    def refuse(*a, **k):
+        raise AssertionError("ggn_trace called on a non-qualifying model")
+
+    monkeypatch.setattr(curvature, "ggn_trace", refuse)
+    for what, net in cases.items():
+        if what == "running statistics":
+            continue  # batch statistics in eval(): its dense Hessian couples the samples
+        value, se = hessian_trace(net, (X, y), return_stderr=True)
+        assert se == 0.0
+        assert rel(value, float(torch.trace(dense_hessian(net, X, y)))) <= 1e-8, what
+    # A qualifying net with a custom loss also falls back (the identity is for softmax CE).
+    mse = lambda out, t: ((out - nn.functional.one_hot(t, 4).to(out)) ** 2).mean()  # noqa: E731
+    relu = nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 4)).double()
+    dense = float(torch.trace(dense_hessian(relu, X, y, loss_fn=mse)))
+    assert rel(hessian_trace(relu, (X, y), loss_fn=mse), dense) <= 1e-8
+    assert ggn.piecewise_linear_offender(relu) is None
+
+
+def test_ggn_exact_makes_no_hvps_and_large_nets_stay_exact(monkeypatch):
+    count = _CountMatvecs(monkeypatch)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(30, 64), nn.ReLU(), nn.Linear(64, 10)).double()  # 2,634 > 2,000
+    g = torch.Generator().manual_seed(6)
+    X = torch.randn(40, 30, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 10, (40,), generator=g)
+    value, se = hessian_trace(net, (X, y), return_stderr=True)
+    assert count.calls == 0 and se == 0.0
+    assert rel(value, float(torch.trace(dense_hessian(net, X, y)))) <= 1e-8

@@ -5,7 +5,11 @@ Two interchangeable paths (``method=``):
 - ``"lanczos"``: a lean Lanczos with full reorthogonalisation, vectors kept in torch on the
   operator's device, the small tridiagonal ``T`` solved in float64. A Ritz value θ_i is accepted
   when its residual ``β_m |s_{m,i}|`` (which bounds the distance to an eigenvalue) is
-  ``≤ tol·|θ_i|``, the ARPACK criterion.
+  ``≤ tol·|θ_i|``, the ARPACK criterion. Kept after a comparison on the MLP/LeNet5 Hessians and
+  random matrices: stopping on the change of the Ritz value (PyHessian's rule), on ρ²/gap, or
+  on both saves at most 1–2 steps at tol 1e-3 on the network Hessians (convergence there is
+  superlinear: the error falls ~1e-3 → 1e-6 in about one step) but stops on plateaus where θ
+  still sits on λ_2 (MLP: error 4e-2 at tol 1e-2; random matrices: 2–15× past tol).
 - ``"eigsh"``: scipy's ARPACK ``eigsh(k, which='LA')`` on a ``LinearOperator`` (float64 numpy;
   each matvec crosses torch ↔ numpy, which costs time on large operators).
 

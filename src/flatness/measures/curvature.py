@@ -15,12 +15,15 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from flatness.batches import DEFAULT_CHUNK, Batches, eval_mode, loss_reduction, loss_term, mean_loss
+from flatness.ggn import ggn_trace, piecewise_linear_offender
 from flatness.hutchinson import adaptive_hutchpp_trace, hutchpp_trace
 from flatness.hvp import DEFAULT_GRAPH_BUDGET, HessianOperator
 from flatness.lanczos import DEFAULT_METHOD, METHODS, top_eigenvalues
 
 #: Parameter counts up to which ``hessian_trace`` is exact (n HVPs with basis vectors).
 EXACT_TRACE_MAX_PARAMS = 2000
+#: ``hessian_trace`` methods: "auto" picks the first exact one that applies, else Hutch++.
+TRACE_METHODS = ("auto", "ggn_exact", "dense", "hutchpp")
 
 
 def _operator(model, data, loss_fn, params, chunk_size, graph_budget_bytes) -> HessianOperator:
@@ -121,19 +124,31 @@ def hessian_trace(
     exact_max_params: int = EXACT_TRACE_MAX_PARAMS,
     chunk_size: int | None = DEFAULT_CHUNK,
     graph_budget_bytes: int = DEFAULT_GRAPH_BUDGET,
+    method: str = "auto",
 ):
     """Tr H = Tr ∇²L (mean loss), all parameters.
 
-    Exact (n HVPs with basis vectors, stderr 0.0) when n ≤ ``exact_max_params`` and
-    ``num_probes`` is not given. Otherwise Hutch++ with Rademacher probes: with ``num_probes``,
-    exactly that many HVPs (Meyer et al.'s split, no pilot); without, a two-stage procedure
-    (:func:`flatness.hutchinson.adaptive_hutchpp_trace`): a pilot Hutch++ round (sketch 10,
-    10 residual probes) estimates the variance, which fixes the probe count for a standard error
-    of ``rel_stderr``·|trace|; the value and stderr come only from a fresh main stage of that
-    many HVPs (at most ``max_probes``; a ``RuntimeWarning`` says when the cap binds), the pilot's
-    30 HVPs are discarded. A fixed count, not a stop on the running stderr, which would bias the
-    stderr low (METHODS.md §5, §11). Not invariant (METHODS.md §5: ×6.2 layer-wise, ×1.5
-    neuron-wise on the fixture).
+    ``method`` (one of :data:`TRACE_METHODS`):
+
+    - ``"ggn_exact"``: for the default softmax cross-entropy (``loss_fn=None``) on a network that is
+      piecewise linear from input to logits (whitelisted modules only, :mod:`flatness.ggn`),
+      diag H = diag GGN, so Tr H = (1/N) Σ_i Σ_c p_ic ‖∇_θ(z_ic − p_iᵀz_i)‖² exactly: one backward
+      pass per class and chunk, stderr 0.0. A ``ValueError`` names the offending module (or the
+      ``loss_fn``) when the model does not qualify.
+    - ``"dense"``: n HVPs with basis vectors, exact (stderr 0.0).
+    - ``"hutchpp"``: Hutch++ with Rademacher probes: with ``num_probes``, exactly that many HVPs
+      (Meyer et al.'s split, no pilot); without, a two-stage procedure
+      (:func:`flatness.hutchinson.adaptive_hutchpp_trace`): a pilot Hutch++ round (sketch 10,
+      10 residual probes) estimates the variance, which fixes the probe count for a standard
+      error of ``rel_stderr``·|trace|; the value and stderr come only from a fresh main stage of
+      that many HVPs (at most ``max_probes``; a ``RuntimeWarning`` says when the cap binds), the
+      pilot's 30 HVPs are discarded. A fixed count, not a stop on the running stderr, which would
+      bias the stderr low (METHODS.md §5, §11).
+    - ``"auto"`` (default): with ``num_probes`` given, ``"hutchpp"`` with that budget; otherwise
+      ``"ggn_exact"`` when the model qualifies, else ``"dense"`` when n ≤ ``exact_max_params``,
+      else ``"hutchpp"``.
+
+    Not invariant (METHODS.md §5: ×6.2 layer-wise, ×1.5 neuron-wise on the fixture).
 
     >>> import torch
     >>> lin = torch.nn.Linear(2, 1, bias=False).double()
@@ -142,14 +157,31 @@ def hessian_trace(
     >>> hessian_trace(lin, (X, torch.zeros(2, dtype=torch.float64)), loss_fn=mse)  # tr 2XᵀX/N
     5.0
     """
+    if method not in TRACE_METHODS:
+        raise ValueError(f"method must be one of {TRACE_METHODS}, got {method!r}")
+    if num_probes is not None and method in ("ggn_exact", "dense"):
+        raise ValueError(f"num_probes applies to method='hutchpp' (or 'auto'), not {method!r}")
     if num_probes is not None and int(num_probes) < 3:
         raise ValueError(f"num_probes must be ≥ 3 (Hutch++), got {num_probes}")
     if num_probes is None and not rel_stderr > 0:
         raise ValueError(f"rel_stderr must be positive, got {rel_stderr}")
+    loss_reduction(loss_fn)  # reject reduction="none" before any work
+    if method == "auto" and num_probes is None and loss_fn is None:
+        if piecewise_linear_offender(model) is None:
+            method = "ggn_exact"
+    if method == "ggn_exact":
+        if loss_fn is not None:
+            raise ValueError(
+                "method='ggn_exact' needs the default softmax cross-entropy (loss_fn=None)"
+            )
+        value = ggn_trace(model, data, chunk_size=chunk_size)
+        return (value, 0.0) if return_stderr else value
     op = _operator(model, data, loss_fn, None, chunk_size, graph_budget_bytes)
     n = op.num_params
+    if method == "auto":
+        method = "dense" if num_probes is None and n <= exact_max_params else "hutchpp"
     with op:
-        if num_probes is None and n <= exact_max_params:
+        if method == "dense":
             eye = torch.eye(n, dtype=op.dtype, device=op.device)
             value = sum(float(op.matvec(e)[i]) for i, e in enumerate(eye))
             stderr = 0.0
