@@ -178,15 +178,18 @@ def test_dinh_alpha_leaves_kappa_unchanged(alpha, trained_mlp64, fixture_data64)
 
 def std_normalised_copy(model, X):
     """The canonicalisation done on the model itself: feature unit j's incoming row and bias ÷ σ_j,
-    W[:, j] × σ_j (METHODS.md §3.4); dead units untouched."""
+    W[:, j] × σ_j (METHODS.md §3.4); units that are 0 on every sample get a zero column of W
+    (on these data the function is unchanged)."""
     new = copy.deepcopy(model)
     prev, last = [m for m in new.modules() if isinstance(m, nn.Linear)][-2:]
     with torch.no_grad():
         std = new[:-1](X).std(dim=0, correction=0)
+        dead = new[:-1](X).abs().amax(dim=0) == 0
         std = torch.where(std > 0, std, torch.ones_like(std))
         prev.weight.div_(std[:, None])
         prev.bias.div_(std)
         last.weight.mul_(std)
+        last.weight[:, dead] = 0
     return new
 
 
@@ -201,7 +204,7 @@ def test_normalize_features_equals_editing_the_model(net, fixture_data64):
     assert rel(relative_flatness_max(net, (X, y), normalize_features=True), ref_max) <= 1e-10
 
 
-def test_normalize_features_leaves_dead_units_and_mse_route(random_mlp64, fixture_data64):
+def test_normalize_features_zeroes_dead_units_and_mse_route(random_mlp64, fixture_data64):
     X, y = fixture_data64
     net = copy.deepcopy(random_mlp64)
     with torch.no_grad():  # feature unit 0 dead on every input
@@ -211,6 +214,23 @@ def test_normalize_features_leaves_dead_units_and_mse_route(random_mlp64, fixtur
     W, H = dense_layer_hessian(edited, X, y, mse_onehot)
     value = relative_flatness(net, (X, y), loss_fn=mse_onehot, normalize_features=True)
     assert rel(value, reference("kappa_tr", W, H)) <= 1e-10
+
+
+@pytest.mark.parametrize("kind", ["dead", "constant"])
+def test_normalized_kappa_invariant_with_dead_or_constant_units(random_mlp64, fixture_data64, kind):
+    # A feature unit that is 0 (or constant) on every sample: Dinh's α on its layer and a
+    # neuron-wise rescaling that includes it must still leave the normalised κ unchanged.
+    X, y = fixture_data64
+    net = copy.deepcopy(random_mlp64)
+    with torch.no_grad():
+        net[2].weight[0].zero_()
+        net[2].bias[0] = -1.0 if kind == "dead" else 0.7
+    base = relative_flatness(net, (X, y), normalize_features=True)
+    for variant in (
+        dinh_alpha_rescale(net, 100.0),
+        neuronwise_rescale(net, 1, neuron_scales()),
+    ):
+        assert rel(relative_flatness(variant, (X, y), normalize_features=True), base) <= 1e-12
 
 
 # ---- T11 / P5: OLS ----

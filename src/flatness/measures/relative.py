@@ -94,23 +94,29 @@ def _collect_head(model: nn.Module, data) -> _Head:
     return _Head(W, bias, phis, ys, shapes, batches.num_samples)
 
 
-def _feature_std(head: _Head) -> Tensor:
-    """Per-unit population std of φ over all samples (1 for dead units, which stay unchanged)."""
+def _feature_scale(head: _Head) -> Tensor:
+    """Per-unit scale s_j of the canonicalisation: the population std of φ_j over all samples;
+    for a constant unit its |value| (the RMS); 0 for a unit that is 0 on every sample."""
     phi = torch.cat(head.phis)
     std = phi.std(dim=0, correction=0)
-    return torch.where(std > 0, std, torch.ones_like(std))
+    rms = phi.square().mean(dim=0).sqrt()
+    return torch.where(std > 0, std, rms)
 
 
 def _normalized(head: _Head) -> _Head:
-    """Std-normalisation (METHODS.md §3.4): φ̃_j = φ_j / σ_j and W̃[:, j] = σ_j W[:, j].
+    """Std-normalisation (METHODS.md §3.4): φ̃_j = φ_j / s_j and W̃[:, j] = s_j W[:, j].
 
-    The pair gives the same logits, so every κ computed on it is the κ of the canonical
-    (function-preserving) reparameterisation, without editing the model."""
-    std = _feature_std(head)
+    The pair gives the same logits on the data, so every κ computed on it is the κ of the
+    canonical reparameterisation, without editing the model. Units with s_j = 0 (zero on every
+    sample) get W̃[:, j] = 0 and φ̃_j = 0: their column never reaches the logits on these data,
+    yet it enters ⟨w_s, w_s'⟩, so keeping it (as the reference code does) lets a rescaling of
+    that dead unit, or Dinh's α on its layer, change the "invariant" κ without bound."""
+    scale = _feature_scale(head)
+    inv = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
     return _Head(
-        head.W * std,
+        head.W * scale,
         head.bias,
-        [phi / std for phi in head.phis],
+        [phi * inv for phi in head.phis],
         head.ys,
         head.out_shapes,
         head.num_samples,
@@ -209,8 +215,9 @@ def relative_flatness(
     over ``num_probes`` Rademacher Z drawn from ``seed`` (the default above that size).
 
     ``normalize_features=True``: std-normalisation (METHODS.md §3.4): each feature unit is
-    divided by its population std over ``data`` and W's column multiplied by it (dead units
-    unchanged), which makes κ invariant to neuron-wise rescaling of the feature layer.
+    divided by its population std over ``data`` and W's column multiplied by it (a constant
+    unit by its |value|; a unit that is 0 on every sample gets a zero column), which makes κ
+    invariant to neuron-wise rescaling of the feature layer.
     ``return_stderr=True`` returns ``(κ, stderr)``; the stderr is 0 except for Hutchinson.
 
     >>> import torch
