@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from flatness.measures import HIGHER_IS_FLATTER
 from flatness.suite import AXES, ORIGINAL
 
 #: Outcome columns of runs.csv (DESIGN.md contract 2), taken from each run's metrics.json.
@@ -34,10 +35,6 @@ OUTCOMES = (
     "stopped_by",
 )
 GAPS = ("gap_loss", "gap_acc")
-
-#: Measures whose larger values mean a *flatter* solution (PAC-Bayes σ: the noise scale the model
-#: tolerates). Every other measure in flatness.measures grows with sharpness.
-HIGHER_IS_FLATTER = frozenset({"pacbayes_sigma", "pacbayes_magnitude_sigma"})
 
 
 def sharpness_sign(function: str) -> int:

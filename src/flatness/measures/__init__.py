@@ -45,4 +45,8 @@ MEASURES = {
     )
 }
 
-__all__ = sorted(MEASURES) + ["MEASURES"]
+#: Measures that grow as the minimum gets flatter (a noise scale); every other one grows with
+#: sharpness. Analyses flip their sign so that "sharper" always points the same way.
+HIGHER_IS_FLATTER = frozenset({"pacbayes_sigma", "pacbayes_magnitude_sigma"})
+
+__all__ = sorted(MEASURES) + ["MEASURES", "HIGHER_IS_FLATTER"]
