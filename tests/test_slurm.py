@@ -252,3 +252,6 @@ def test_tiny_study_runs_through_slurm(slurm_cluster, tmp_path):
     runs = pd.read_csv(runs_csv)
     assert len(runs) == per_rule["train"]
     assert (runs["status"] == "ok").all(), runs[["run_id", "status"]]
+    figures = sorted(p.name for p in (work / "results" / "figures").glob("*.png"))
+    assert len(figures) == per_rule.get("fig_interpolation", 0) + 4, figures
+    assert (work / "results" / "tables" / "findings.md").stat().st_size > 0
