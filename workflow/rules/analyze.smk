@@ -5,7 +5,7 @@
 rule aggregate:
     input:
         metrics=expand("results/runs/{run}/metrics.json", run=RUN_IDS),
-        measures=expand("results/runs/{run}/measures.csv", run=RUN_IDS),
+        measures=expand("results/runs/{run}/measures.json", run=RUN_IDS),
     output:
         runs=report(
             "results/tables/runs.csv",

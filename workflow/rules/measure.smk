@@ -6,7 +6,7 @@ rule measure:
         model="results/runs/{run}/model.pt",
         metrics="results/runs/{run}/metrics.json",
     output:
-        "results/runs/{run}/measures.csv",
+        "results/runs/{run}/measures.json",
     log:
         "results/logs/measure/{run}.log",
     conda:
@@ -26,4 +26,4 @@ rule measure:
 
 rule measure_all:
     input:
-        expand("results/runs/{run}/measures.csv", run=RUN_IDS),
+        expand("results/runs/{run}/measures.json", run=RUN_IDS),

@@ -21,4 +21,5 @@ status = json.loads(open(sm.input.metrics).read())["status"]
 splits = load_dataset(DataConfig(**sm.params.data))
 model = load_model(sm.input.model, map_location="cpu")
 rows = measure_run(model, splits.train, sm.params.measure, sm.params.run_id, status)
-pd.DataFrame(rows, columns=list(MEASURE_COLUMNS)).to_csv(sm.output[0], index=False)
+table = pd.DataFrame(rows, columns=list(MEASURE_COLUMNS))
+table.to_json(sm.output[0], orient="records", indent=1)  # NaN (diverged, not applicable) → null
