@@ -12,6 +12,7 @@ from scipy import stats
 
 from flatness import analysis as an
 from flatness.suite import AXES
+from tests.workflow_helpers import CONTRACT_COLUMNS
 
 
 def grid_runs(measure_fn, gap_fn):
@@ -186,26 +187,7 @@ def test_runs_table_has_contract_columns_and_measure_values():
         for r in runs
     }
     table = an.runs_table(runs, metrics, long_table())
-    for col in (
-        "dataset",
-        "model",
-        "optimizer",
-        "regularizer",
-        "batch_size",
-        "lr",
-        "seed",
-        "train_loss",
-        "test_loss",
-        "train_acc",
-        "test_acc",
-        "gap_loss",
-        "gap_acc",
-        "epochs",
-        "status",
-        "invariant",
-        "euclid",
-        "bn",
-    ):
+    for col in (*CONTRACT_COLUMNS, "invariant", "euclid", "bn"):
         assert col in table.columns
     assert table.set_index("run_id").loc["b", "euclid"] == 3.0
     hist = an.history_table(runs, metrics)
