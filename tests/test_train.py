@@ -117,6 +117,19 @@ def test_resume_dir_of_another_run_is_refused(tmp_path):
         train_run(small(epochs=2, batch_size=32), tmp_path / "b", resume_dir=tmp_path / "ck")
 
 
+def test_changed_config_restarts_from_scratch_when_asked(tmp_path):
+    # What the workflow does when an edited config reruns a finished job: the old checkpoint is
+    # stale, so the run must equal a fresh one, not fail and not resume from the other config.
+    train_run(small(epochs=2), tmp_path / "old", resume_dir=tmp_path / "ck")
+    edited = small(epochs=2, optimizer={"momentum": 0.5})
+    fresh = train_run(edited, tmp_path / "fresh")
+    rerun = train_run(edited, tmp_path / "rerun", tmp_path / "ck", on_config_change="restart")
+    assert strip_times(rerun) == strip_times(fresh)
+    assert same_weights(tmp_path / "fresh", tmp_path / "rerun")
+    with pytest.raises(ValueError, match="on_config_change"):
+        train_run(edited, tmp_path / "x", on_config_change="ignore")
+
+
 def test_divergence_ends_the_run_normally_with_nan_metrics(tmp_path):
     m = train_run(small(optimizer={"lr": 1e12}, model={"dropout": 0.0}), tmp_path)
     assert m["status"] == "diverged" and m["stopped_by"] == "non-finite loss"

@@ -159,12 +159,19 @@ def train_run(
     out_dir: str | os.PathLike,
     resume_dir: str | os.PathLike | None = None,
     threads: int | None = None,
+    on_config_change: str = "raise",
 ) -> dict[str, Any]:
     """Train one run and write ``out_dir/model.pt`` and ``out_dir/metrics.json``; return the
     metrics dict. ``resume_dir`` holds the checkpoint (resumed from when present); ``threads`` sets
     ``torch.set_num_threads``. A non-finite loss ends the run normally with status "diverged".
     The caller's global RNG state is left untouched (the run forks and seeds its own).
+
+    A checkpoint whose config differs (beyond a larger epoch cap or a lower loss target, which
+    train on) raises with ``on_config_change="raise"``; ``"restart"`` discards it and trains
+    from scratch — what a workflow wants when an edited config reruns the job.
     """
+    if on_config_change not in ("raise", "restart"):
+        raise ValueError(f"on_config_change={on_config_change!r}; choose 'raise' or 'restart'")
     cfg = cfg if isinstance(cfg, RunConfig) else RunConfig.from_dict(cfg)
     if threads:
         torch.set_num_threads(int(threads))
@@ -175,10 +182,12 @@ def train_run(
         torch.random.fork_rng(devices=cuda),
         _stop_signals() as stop,
     ):
-        return _train(cfg, Path(out_dir), resume_dir, device, stop)
+        return _train(cfg, Path(out_dir), resume_dir, device, stop, on_config_change)
 
 
-def _train(cfg: RunConfig, out_dir: Path, resume_dir, device, stop) -> dict[str, Any]:
+def _train(
+    cfg: RunConfig, out_dir: Path, resume_dir, device, stop, on_config_change: str = "raise"
+) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     splits = load_dataset(cfg.data, device, dtype=getattr(torch, cfg.dtype))
     (X_tr, y_tr), (X_te, y_te) = splits.train, splits.test
@@ -213,7 +222,14 @@ def _train(cfg: RunConfig, out_dir: Path, resume_dir, device, stop) -> dict[str,
                          "rng": rng_states(device), "loader": loader.state_dict(),
                          "progress": prog}, resume_dir)  # fmt: skip
 
-    if resume_dir is not None and (ck := load_checkpoint(resume_dir)) is not None:
+    ck = load_checkpoint(resume_dir) if resume_dir is not None else None
+    if ck is not None and on_config_change == "restart":
+        try:
+            _check_same_run(ck["config"], cfg.to_dict(), resume_dir)
+        except CheckpointError as err:
+            log.warning("%s: starting from scratch", err)
+            ck = None
+    if ck is not None:
         _check_same_run(ck["config"], cfg.to_dict(), resume_dir)
         model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])

@@ -12,5 +12,12 @@ logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %
 
 cfg = RunConfig.from_dict(snakemake.params.config)  # noqa: F821
 out_dir = Path(snakemake.output.model).parent  # noqa: F821
-metrics = train_run(cfg, out_dir, snakemake.params.resume_dir, threads=snakemake.threads)  # noqa: F821
+# An edited config reruns this job (params trigger); its old checkpoint is then stale: restart.
+metrics = train_run(
+    cfg,
+    out_dir,
+    snakemake.params.resume_dir,  # noqa: F821
+    threads=snakemake.threads,  # noqa: F821
+    on_config_change="restart",
+)
 logging.info("status %s after %s epochs", metrics["status"], metrics["epochs"])
