@@ -143,7 +143,12 @@ def kendall_table(
     return pd.DataFrame(rows, columns=["measure", "gap", "tau", "p_value", "n"])
 
 
-def varying_axes(runs: pd.DataFrame, axes: Sequence[str] = AXES) -> list[str]:
+#: Axes over which granulated Kendall averages: hyperparameters only. Seeds are repetitions, so
+#: they stay inside each group (METHODS.md §8) instead of becoming an "axis" of their own.
+HYPERPARAMETER_AXES = tuple(a for a in AXES if a != "seed")
+
+
+def varying_axes(runs: pd.DataFrame, axes: Sequence[str] = HYPERPARAMETER_AXES) -> list[str]:
     """The hyperparameter axes that take at least two values among the runs."""
     return [a for a in axes if a in runs and runs[a].nunique(dropna=False) >= 2]
 
@@ -386,9 +391,12 @@ def findings(
         stayed = [m for m, g in inv if g["invariant"].all()]
         moved = {m: g for m, g in inv if not g["invariant"].all()}
         if stayed:
+            tested = inv.get_group(stayed[0])
+            pairs = zip(tested["variant"], tested["n"], strict=True)
+            copies = ", ".join(f"{v} (n = {n})" for v, n in pairs)
             out.append(
-                f"Invariant (every copy/original ratio within 1 ± {tolerance:g}) under all "
-                f"reparameterised copies: {', '.join(stayed)}."
+                f"Invariant (every copy/original ratio within 1 ± {tolerance:g}) on every copy "
+                f"measured — {copies}: {', '.join(stayed)}."
             )
         for m, g in moved.items():
             worst = g.loc[(g["median_ratio"] - 1).abs().idxmax()]
@@ -442,9 +450,15 @@ def findings(
         )
     psi = granulated[granulated["axis"] == "Psi"] if not granulated.empty else granulated
     for _, row in psi.iterrows():
+        flat_measure = sharpness_sign(functions.get(row["measure"], row["measure"])) < 0
         out.append(
             f"Granulated Kendall Ψ of {row['measure']} vs {row['gap']}: {_fmt(row['psi'])} "
-            f"(mean over {row['groups']} axes)."
+            f"(mean over {row['groups']} axes"
+            + (
+                "; larger means flatter, so a negative Ψ agrees with 'flat minima generalise')."
+                if flat_measure
+                else ")."
+            )
         )
     return out
 

@@ -50,7 +50,8 @@ def run_table():
 
 
 def uses_gpu(device):
-    return 1 if device == "cuda" else 0
+    # "auto" runs on CUDA whenever the job sees a GPU, so it must hold one for --resources gpu=N.
+    return 1 if device in ("cuda", "auto") else 0
 
 
 def pair_models(wildcards):
