@@ -35,9 +35,14 @@ def extra_weight_decay(cfg: RegularizerConfig) -> float:
 def plain_step(model, X, y, optimizer, cfg=None, loss_fn: LossFn | None = None) -> Tensor:
     """One SGD/Adam step on the batch loss (also the ``weight_decay`` step: the decay is coupled
     into the optimizer)."""
+    return _descend(optimizer, (loss_fn or default_loss)(model(X), y))
+
+
+def _descend(optimizer, loss: Tensor, penalty: Tensor | None = None, lam: float = 0.0) -> Tensor:
+    """Zero the gradients, backpropagate ``loss`` (+ ``lam``·``penalty``), step; the one update
+    every single-pass step shares. Returns the detached data loss."""
     optimizer.zero_grad(set_to_none=True)
-    loss = (loss_fn or default_loss)(model(X), y)
-    loss.backward()
+    (loss if penalty is None else loss + lam * penalty).backward()
     optimizer.step()
     return loss.detach()
 
@@ -177,11 +182,7 @@ def fam_penalty(model, X, y, variant: str = "as_released", loss_fn: LossFn | Non
 
 def fam_step(model, X, y, optimizer, cfg: RegularizerConfig, loss_fn=None) -> Tensor:
     """One step on ℓ_B + λ R_B (λ = ``cfg.lam``; the penalty is always formed, also at λ = 0)."""
-    optimizer.zero_grad(set_to_none=True)
-    loss, R = _fam_terms(model, X, y, cfg.variant, loss_fn)
-    (loss + cfg.lam * R).backward()
-    optimizer.step()
-    return loss.detach()
+    return _descend(optimizer, *_fam_terms(model, X, y, cfg.variant, loss_fn), cfg.lam)
 
 
 def _lipschitz_terms(model, X, y, k: float, loss_fn) -> tuple[Tensor, Tensor]:
@@ -208,11 +209,7 @@ def lipschitz_penalty(model, X, y, k: float = 1.0) -> Tensor:
 
 def lipschitz_step(model, X, y, optimizer, cfg: RegularizerConfig, loss_fn=None) -> Tensor:
     """One step on ℓ_B + λ P_B (λ = ``cfg.lam``, K = ``cfg.lipschitz_k``)."""
-    optimizer.zero_grad(set_to_none=True)
-    loss, pen = _lipschitz_terms(model, X, y, cfg.lipschitz_k, loss_fn)
-    (loss + cfg.lam * pen).backward()
-    optimizer.step()
-    return loss.detach()
+    return _descend(optimizer, *_lipschitz_terms(model, X, y, cfg.lipschitz_k, loss_fn), cfg.lam)
 
 
 STEPS: dict[str, Callable[..., Tensor]] = {
