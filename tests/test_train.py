@@ -117,6 +117,24 @@ def test_resume_dir_of_another_run_is_refused(tmp_path):
         train_run(small(epochs=2, batch_size=32), tmp_path / "b", resume_dir=tmp_path / "ck")
 
 
+def test_outputs_and_checkpoint_record_the_runs_identity(tmp_path):
+    axes = {"batch_size": 48, "seed": 3}
+    m = train_run(small(epochs=1), tmp_path / "a", tmp_path / "ck", run_id="run-a", axes=axes)
+    on_disk = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert on_disk["run_id"] == m["run_id"] == "run-a" and on_disk["axes"] == axes
+    # 256 samples in batches of 48: 6 batches an epoch, the last partial
+    assert (on_disk["n_train"], on_disk["batches_per_epoch"]) == (256, 6)
+    assert on_disk["steps"] == on_disk["epochs"] * 6
+    ck = torch.load(tmp_path / "ck" / "checkpoint.pt", weights_only=True)
+    assert ck["run_id"] == "run-a" and ck["axes"] == axes
+    assert load_model(tmp_path / "a" / "model.pt", expect_run_id="run-a") is not None
+    with pytest.raises(ValueError, match="holds the model of run 'run-a', not 'run-b'"):
+        load_model(tmp_path / "a" / "model.pt", expect_run_id="run-b")
+    # the same config under another run id is another run: its checkpoint is not resumed
+    with pytest.raises(CheckpointError, match="run_id"):
+        train_run(small(epochs=2), tmp_path / "b", tmp_path / "ck", run_id="run-b", axes=axes)
+
+
 def test_changed_config_restarts_from_scratch_when_asked(tmp_path):
     # What the workflow does when an edited config reruns a finished job: the old checkpoint is
     # stale, so the run must equal a fresh one, not fail and not resume from the other config.

@@ -203,16 +203,26 @@ def _plain(cfg: dict[str, Any]) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, (tuple, list)) else v for k, v in cfg.items()}
 
 
-def save_model(model: nn.Module, cfg: dict[str, Any], path: str | os.PathLike) -> None:
-    """Save ``{"state_dict", "model_config"}`` atomically (tensors moved to the CPU)."""
+def save_model(
+    model: nn.Module, cfg: dict[str, Any], path: str | os.PathLike, run_id: str | None = None
+) -> None:
+    """Save ``{"state_dict", "model_config", "run_id"}`` atomically (tensors moved to the CPU)."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    atomic_torch_save({"state_dict": state, "model_config": _plain(cfg)}, path)
+    atomic_torch_save({"state_dict": state, "model_config": _plain(cfg), "run_id": run_id}, path)
 
 
-def load_model(path: str | os.PathLike, map_location=None) -> nn.Module:
+def load_model(
+    path: str | os.PathLike, map_location=None, expect_run_id: str | None = None
+) -> nn.Module:
     """Rebuild a model saved by :func:`save_model` (``weights_only=True``: no code is unpickled),
-    in the dtype it was saved in, in ``eval()`` mode."""
+    in the dtype it was saved in, in ``eval()`` mode. With ``expect_run_id``, a file recorded for
+    another run (or for none) raises ``ValueError``: a stage never measures another run's model."""
     blob = torch.load(path, map_location=map_location, weights_only=True)
+    if expect_run_id is not None and blob.get("run_id") != expect_run_id:
+        raise ValueError(
+            f"{path} holds the model of run {blob.get('run_id')!r}, not {expect_run_id!r}; "
+            "retrain it (delete the file) so each path holds its own run"
+        )
     model = build_model(blob["model_config"])
     floats = [v for v in blob["state_dict"].values() if v.is_floating_point()]
     if floats:

@@ -160,11 +160,17 @@ def train_run(
     resume_dir: str | os.PathLike | None = None,
     threads: int | None = None,
     on_config_change: str = "raise",
+    run_id: str | None = None,
+    axes: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train one run and write ``out_dir/model.pt`` and ``out_dir/metrics.json``; return the
     metrics dict. ``resume_dir`` holds the checkpoint (resumed from when present); ``threads`` sets
     ``torch.set_num_threads``. A non-finite loss ends the run normally with status "diverged".
     The caller's global RNG state is left untouched (the run forks and seeds its own).
+
+    ``run_id`` and ``axes`` (the grid point) are the run's identity: recorded in metrics.json,
+    model.pt and the checkpoint, so every later stage joins on them and can refuse a file that
+    sits under another run's path. A checkpoint recorded for another run id is "a different run".
 
     A checkpoint whose config differs (beyond a larger epoch cap or a lower loss target, which
     train on) raises with ``on_config_change="raise"``; ``"restart"`` discards it and trains
@@ -182,11 +188,12 @@ def train_run(
         torch.random.fork_rng(devices=cuda),
         _stop_signals() as stop,
     ):
-        return _train(cfg, Path(out_dir), resume_dir, device, stop, on_config_change)
+        identity = {"run_id": run_id, "axes": dict(axes) if axes is not None else None}
+        return _train(cfg, Path(out_dir), resume_dir, device, stop, on_config_change, identity)
 
 
 def _train(
-    cfg: RunConfig, out_dir: Path, resume_dir, device, stop, on_config_change: str = "raise"
+    cfg: RunConfig, out_dir: Path, resume_dir, device, stop, on_config_change: str, identity
 ) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     splits = load_dataset(cfg.data, device, dtype=getattr(torch, cfg.dtype))
@@ -216,7 +223,7 @@ def _train(
 
     def checkpoint() -> None:
         prog["elapsed_s"] = time.perf_counter() - t0
-        save_checkpoint({"config": cfg.to_dict(), "model": model.state_dict(),
+        save_checkpoint({"config": cfg.to_dict(), **identity, "model": model.state_dict(),
                          "optimizer": optimizer.state_dict(),
                          "scheduler": {"epoch": prog["epoch"], "base_lr": base_lr},
                          "rng": rng_states(device), "loader": loader.state_dict(),
@@ -225,12 +232,12 @@ def _train(
     ck = load_checkpoint(resume_dir) if resume_dir is not None else None
     if ck is not None and on_config_change == "restart":
         try:
-            _check_same_run(ck["config"], cfg.to_dict(), resume_dir)
+            _check_same_run(ck, cfg.to_dict(), identity, resume_dir)
         except CheckpointError as err:
             log.warning("%s: starting from scratch", err)
             ck = None
     if ck is not None:
-        _check_same_run(ck["config"], cfg.to_dict(), resume_dir)
+        _check_same_run(ck, cfg.to_dict(), identity, resume_dir)
         model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         loader.load_state_dict(ck["loader"])
@@ -299,7 +306,10 @@ def _train(
             _interrupt(stop["signum"], resume_dir, checkpoint)
     if prog["status"] == "running":  # resumed with a larger cap already reached, or epochs = 0
         prog["status"], prog["stopped_by"] = "ok", "epochs"
-    return _write_outputs(cfg, out_dir, model, model_cfg, prog, time.perf_counter() - t0, device)
+    sizes = {"n_train": int(X_tr.shape[0]), "n_test": int(X_te.shape[0]),
+             "batches_per_epoch": len(loader)}  # fmt: skip
+    wall = time.perf_counter() - t0
+    return _write_outputs(cfg, out_dir, model, model_cfg, prog, wall, device, identity, sizes)
 
 
 def _interrupt(signum: int, resume_dir, checkpoint) -> None:
@@ -308,11 +318,13 @@ def _interrupt(signum: int, resume_dir, checkpoint) -> None:
     raise TrainingInterrupted(signum, checkpointed=resume_dir is not None)
 
 
-def _check_same_run(saved: dict, current: dict, resume_dir) -> None:
+def _check_same_run(ck: dict, current: dict, identity: dict, resume_dir) -> None:
+    saved = ck["config"]
     diff = sorted(
         k for k in set(saved) | set(current)
         if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k)
     )  # fmt: skip
+    diff += [k for k in ("run_id", "axes") if ck.get(k) != identity[k]]
     if diff:
         raise CheckpointError(
             f"the checkpoint in {resume_dir} belongs to a different run (config differs in "
@@ -320,12 +332,15 @@ def _check_same_run(saved: dict, current: dict, resume_dir) -> None:
         )
 
 
-def _write_outputs(cfg, out_dir, model, model_cfg, prog, wall, device) -> dict[str, Any]:
+def _write_outputs(
+    cfg, out_dir, model, model_cfg, prog, wall, device, identity, sizes
+) -> dict[str, Any]:
     last = prog["history"][-1] if prog["history"] else {}
     ok = prog["status"] == "ok" and last
     nan = float("nan")
     m = {k: (last[k] if ok else nan) for k in ("train_loss", "test_loss", "train_acc", "test_acc")}
     metrics = {
+        **identity,
         **m,
         "gap_loss": m["test_loss"] - m["train_loss"],
         "gap_acc": m["train_acc"] - m["test_acc"],
@@ -334,9 +349,10 @@ def _write_outputs(cfg, out_dir, model, model_cfg, prog, wall, device) -> dict[s
         "wall_time_s": wall,
         "status": "ok" if prog["status"] == "ok" else "diverged",
         "stopped_by": prog["stopped_by"],
+        **sizes,
         "history": prog["history"],
         "provenance": {**provenance(cfg.to_dict(), device), "model_config": model_cfg},
     }
-    save_model(model, model_cfg, out_dir / "model.pt")
+    save_model(model, model_cfg, out_dir / "model.pt", run_id=identity["run_id"])
     _atomic_json(metrics, out_dir / "metrics.json")
     return metrics

@@ -44,6 +44,11 @@ def run_config(wildcards):
     return RUN_BY_ID[wildcards.run].config
 
 
+def run_axes(wildcards):
+    """The grid point of one run (axis → value), recorded in its metrics.json."""
+    return RUN_BY_ID[wildcards.run].axes
+
+
 def run_table():
     """Hyperparameter columns of every run, for the aggregate table."""
     return [dict(run_id=r.run_id, **r.axes) for r in RUNS]

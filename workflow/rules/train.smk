@@ -19,6 +19,8 @@ rule train:
         runtime=lambda wc, attempt: 120 * attempt,
         gpu=lambda wc: uses_gpu(run_config(wc)["device"]),
     params:
+        run_id="{run}",
+        axes=run_axes,
         config=run_config,
         resume_dir=lambda wc: f"results/ckpt/{wc.run}",
     script:

@@ -19,5 +19,7 @@ metrics = train_run(
     snakemake.params.resume_dir,  # noqa: F821
     threads=snakemake.threads,  # noqa: F821
     on_config_change="restart",
+    run_id=snakemake.params.run_id,  # noqa: F821
+    axes=dict(snakemake.params.axes),  # noqa: F821
 )
 logging.info("status %s after %s epochs", metrics["status"], metrics["epochs"])
