@@ -1,6 +1,8 @@
 # flatness-repro: train across batch sizes and regularisers, measure flatness on every model and
 # on reparameterised copies, correlate with the generalisation gap, render the report.
 # `snakemake --cores N` runs the default study; `--configfile config/paper/<study>.yaml` replaces it.
+import os
+
 from snakemake.utils import min_version
 
 min_version("9.13")
@@ -12,7 +14,13 @@ if not workflow.overwrite_configfiles:
     configfile: "config/config.yaml"
 
 
-report: "workflow/report/workflow.rst"
+# The report's first page is generated (rule front_page: workflow/report/workflow.rst plus the
+# headline numbers and the invariance figure) and read only when the report is built, after the
+# run. An absolute path, since `report:` resolves relative paths against this file, not --directory.
+FRONT_PAGE = "results/report/front_page.rst"
+
+
+report: os.path.abspath(FRONT_PAGE)
 
 
 include: "workflow/rules/common.smk"

@@ -46,7 +46,7 @@ CHROMIUM_FLAGS = [
 # Clicks through the app and serialises what the rendered DOM shows into <pre id="flatness-probe">.
 PROBE_JS = r"""
 (function () {
-  const out = { menu: [], views: [], images: [], errors: [] };
+  const out = { menu: [], views: [], images: [], errors: [], front: null };
   const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
   const nav = () => document.querySelector("nav");
   const links = () => Array.from(nav().querySelectorAll("ul li a"));
@@ -90,6 +90,13 @@ PROBE_JS = r"""
   }
   async function run() {
     await sleep(1000);
+    // The first page, before any click: the headline and the inlined invariance figure.
+    const main = Array.from(document.body.children).filter((x) => !x.contains(nav()));
+    const text = main.map((x) => x.textContent).join(" ");
+    const imgs = Array.from(document.querySelectorAll("img[src^='data:image/png']"))
+      .filter((x) => !x.closest("nav") && x.complete);
+    out.front = { headline: text.includes("Headline"), batchTable: /Batch \d+ vs batch \d+/.test(text),
+                  images: imgs.map((x) => [x.naturalWidth, x.naturalHeight]) };
     out.menu = labels();
     const general = new Set(["Workflow", "Statistics", "About"]);
     for (const cat of out.menu.filter((l) => !general.has(l))) {
@@ -276,6 +283,11 @@ def test_report_renders_every_declared_figure_and_table(tiny_study):  # noqa: F8
             values = tuple(item["labels"].values())
             assert values in rows, f"{item['path']} ({values}) not listed under {cat}: {rows}"
             assert {k.lower() for k in item["labels"]} <= headers, (cat, headers)
+
+    # The first page states the headline and shows the invariance figure without a click.
+    front = seen["front"]
+    assert front["headline"] and front["batchTable"], front
+    assert any(w >= 400 and h >= 250 for w, h in front["images"]), front
 
     # Clicking a figure's "view" button shows the embedded PNG at its real size.
     assert seen["images"], "no figure could be opened in the content pane"

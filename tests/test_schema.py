@@ -173,8 +173,8 @@ def test_malformed_configs_fail_snakemake_dry_run_naming_the_key(tmp_path, case)
 @pytest.mark.slow
 def test_grid_id_and_measure_option_errors_fail_the_dry_run(tmp_path):
     cfg = tiny()
-    cfg["grid"]["regularizer"] = ["none", "fam"]
-    assert "grid.regularizer names 'fam'" in _dry_run(tmp_path, cfg)
+    cfg["grid"]["regularizer"] = ["none", "asam"]
+    assert "grid.regularizer names 'asam'" in _dry_run(tmp_path, cfg)
     cfg = tiny()
     cfg["measure"]["measures"] = [{"function": "relative_flatness", "options": {"bogus": 1}}]
     assert "measure.measures[0].options.bogus" in _dry_run(tmp_path, cfg)
@@ -215,3 +215,4 @@ def test_config_readme_lists_every_top_level_and_nested_key():
     ]
     missing = [k for k in top + nested if f"`{k}`" not in readme]
     assert not missing, f"config/README.md lacks {missing}"
+

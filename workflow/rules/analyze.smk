@@ -100,6 +100,8 @@ rule interpolate:
         gpu=uses_gpu(config["measure"]["device"]),
     params:
         pair_id="{pair}",
+        small=lambda wc: PAIR_BY_ID[wc.pair].small,
+        large=lambda wc: PAIR_BY_ID[wc.pair].large,
         data=pair_data,
         interpolation=config["interpolation"],
         device=config["measure"]["device"],

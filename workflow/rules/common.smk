@@ -50,7 +50,7 @@ def run_axes(wildcards):
 
 
 def run_table():
-    """Hyperparameter columns of every run, for the aggregate table."""
+    """Hyperparameter columns of every run, for the aggregate table (joined on run_id)."""
     return [dict(run_id=r.run_id, **r.axes) for r in RUNS]
 
 
@@ -74,14 +74,19 @@ def pair_data(wildcards):
     )
 
 
-def notebook(name):
-    """Path of a figure notebook relative to the working directory (runs with --directory find it).
+def source_file(*parts):
+    """Path of a file of this repository relative to the working directory (runs with
+    --directory find it).
 
     Not workflow.source_path: that gives a per-invocation cache path, so the `params` of every
     figure job changed on each run and `-n` was never clean.
     """
-    path = os.path.join(workflow.basedir, "workflow", "notebooks", f"{name}.py.ipynb")
-    return os.path.relpath(path)
+    return os.path.relpath(os.path.join(workflow.basedir, *parts))
+
+
+def notebook(name):
+    """Path of a figure notebook (an input of its figure rule: editing it redraws the figure)."""
+    return source_file("workflow", "notebooks", f"{name}.py.ipynb")
 
 
 def report_inputs():
@@ -108,5 +113,6 @@ def report_inputs():
         + [
             "results/tables/findings.html",
             "results/tables/analysis.md",
+            FRONT_PAGE,
         ]
     )

@@ -107,6 +107,24 @@ rule fig_interpolation:
         "../scripts/figure.py"
 
 
+rule front_page:
+    input:
+        intro=source_file("workflow", "report", "workflow.rst"),
+        runs="results/tables/runs.csv",
+        batch="results/tables/batch_comparison.csv",
+        kendall="results/tables/kendall.csv",
+        invariance="results/tables/invariance.csv",
+        figure="results/figures/invariance_alpha.png",
+    output:
+        FRONT_PAGE,
+    log:
+        "results/logs/front_page.log",
+    conda:
+        "../../envs/flatness.yaml"
+    script:
+        "../scripts/front_page.py"
+
+
 rule report:
     input:
         report_inputs(),

@@ -10,6 +10,7 @@ from flatness import analysis as an
 sm = snakemake  # noqa: F821
 sys.stderr = sys.stdout = open(sm.log[0], "w")
 cfg, measures = sm.params.analysis, list(sm.params.measures)
+boot = dict(n_resamples=cfg["bootstrap_resamples"], seed=cfg["bootstrap_seed"])
 
 runs = pd.read_csv(sm.input.runs)
 long = pd.read_csv(sm.input.long, keep_default_na=False, na_values=["", "nan", "NaN"])
@@ -17,10 +18,13 @@ functions = dict(zip(long["measure"], long["function"], strict=True))
 tables = {  # output name → (Markdown heading, table)
     "kendall": (
         "Kendall τ-b of each measure vs the generalisation gap",
-        an.kendall_table(runs, measures),
+        an.kendall_table(runs, measures, **boot),
     ),
     "granulated": ("Granulated Kendall ψ per axis and Ψ", an.granulated_kendall(runs, measures)),
-    "batch": ("Largest vs smallest batch", an.batch_comparison(runs, measures, functions)),
+    "batch": (
+        "Largest vs smallest batch",
+        an.batch_comparison(runs, measures, functions, **boot),
+    ),
     "invariance": (
         "Ratio on reparameterised copies to the original",
         an.invariance_table(long, cfg["invariance_tolerance"]),

@@ -18,10 +18,13 @@ torch.set_num_threads(sm.threads)
 cfg, device = sm.params.interpolation, resolve_device(sm.params.device)
 
 splits = load_dataset(DataConfig(**sm.params.data), device=device)
-small = load_model(sm.input.small, map_location=device)
-large = load_model(sm.input.large, map_location=device)
+small = load_model(sm.input.small, map_location=device, expect_run_id=sm.params.small)
+large = load_model(sm.input.large, map_location=device, expect_run_id=sm.params.large)
 alphas = np.linspace(cfg["alpha_min"], cfg["alpha_max"], cfg["num"])
 rows = interpolation_table(
     small, large, {"train": splits.train, "test": splits.test}, alphas, cfg["n_samples"]
 )
-pd.DataFrame(rows).assign(pair=sm.params.pair_id).to_csv(sm.output[0], index=False)
+table = pd.DataFrame(rows).assign(
+    pair=sm.params.pair_id, small_run=sm.params.small, large_run=sm.params.large
+)
+table.to_csv(sm.output[0], index=False)

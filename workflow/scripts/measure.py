@@ -17,9 +17,12 @@ sys.stderr = sys.stdout = open(sm.log[0], "w")
 logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(message)s")
 torch.set_num_threads(sm.threads)
 
-status = json.loads(open(sm.input.metrics).read())["status"]
+run_id = sm.params.run_id
+metrics = json.loads(open(sm.input.metrics).read())
+if metrics.get("run_id") != run_id:
+    raise ValueError(f"{sm.input.metrics} records run {metrics.get('run_id')!r}, not {run_id!r}")
 splits = load_dataset(DataConfig(**sm.params.data))
-model = load_model(sm.input.model, map_location="cpu")
-rows = measure_run(model, splits.train, sm.params.measure, sm.params.run_id, status)
+model = load_model(sm.input.model, map_location="cpu", expect_run_id=run_id)
+rows = measure_run(model, splits.train, sm.params.measure, run_id, metrics["status"])
 table = pd.DataFrame(rows, columns=list(MEASURE_COLUMNS))
 table.to_json(sm.output[0], orient="records", indent=1)  # NaN (diverged, not applicable) → null
