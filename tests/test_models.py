@@ -84,3 +84,29 @@ def test_atomic_torch_save_is_the_checkpoint_helper():
     from flatness import checkpoint, models
 
     assert models.atomic_torch_save is checkpoint.atomic_torch_save
+
+
+def test_resnet18_bottleneck_head_is_the_fam_authors_head(tmp_path):
+    # FAM's ResNet-18 (METHODS.md §7.4): 512 → 64 → 10, two Linear layers with nothing between,
+    # the regularised layer being the last (10 × 64), so λ's 1/m carries m = 64.
+    from flatness.lastlayer import last_linear
+
+    cfg = {"name": "resnet18", "head_widths": [64], "in_shape": [3, 32, 32], "num_classes": 10}
+    torch.manual_seed(0)
+    net = build_model(cfg).eval()
+    assert isinstance(net.fc, nn.Sequential)
+    assert [type(m) for m in net.fc] == [nn.Linear, nn.Linear]
+    assert (net.fc[0].in_features, net.fc[0].out_features) == (512, 64)
+    assert last_linear(net) is net.fc[1] and tuple(net.fc[1].weight.shape) == (10, 64)
+    x = torch.randn(2, 3, 32, 32)
+    save_model(net, cfg, tmp_path / "m.pt")
+    again = load_model(tmp_path / "m.pt")
+    assert torch.equal(again(x), net(x))
+    plain = build_model({**cfg, "head_widths": []})
+    assert isinstance(plain.fc, nn.Linear) and plain.fc.in_features == 512
+
+
+def test_head_widths_only_for_resnet18():
+    with pytest.raises(ValueError, match="head_widths"):
+        build_model({"name": "mlp", "widths": [8], "head_widths": [4], "in_shape": [1, 8, 8],
+                     "num_classes": 10})  # fmt: skip

@@ -118,6 +118,7 @@ BAD = {
     "unknown key": (("training", "epochz"), 3, "epochz"),
     "out of range": (("measure", "n_samples"), 0, "n_samples"),
     "bad enum": (("regularizers", "sam", "name"), "sharpness", "sharpness"),
+    "bad head width": (("models", "mlp", "head_widths"), [0], "head_widths"),
     "unknown measure": (("measure", "measures"), [{"function": "flatness_9000"}], "flatness_9000"),
 }
 
@@ -216,3 +217,12 @@ def test_config_readme_lists_every_top_level_and_nested_key():
     missing = [k for k in top + nested if f"`{k}`" not in readme]
     assert not missing, f"config/README.md lacks {missing}"
 
+
+def test_fam_study_uses_the_authors_bottleneck_head():
+    from flatness.suite import expand_grid
+    from snakemake.utils import validate as snakemake_validate
+
+    cfg = yaml.safe_load((REPO / "config/paper/fam_cifar10_resnet18.yaml").read_text())
+    snakemake_validate(cfg, str(REPO / "workflow/schemas/config.schema.yaml"))
+    runs = expand_grid(cfg)
+    assert {tuple(r.config["model"]["head_widths"]) for r in runs} == {(64,)}

@@ -42,6 +42,7 @@ class ModelConfig:
     bias: bool = True  # biases on every linear/conv layer
     batchnorm: bool = False  # BN after each conv/hidden linear (breaks the rescaling symmetry)
     dropout: float = 0.0  # dropout probability (where the architecture has dropout)
+    head_widths: tuple[int, ...] = ()  # resnet18: linear bottleneck widths before the classifier
 
 
 @dataclass(frozen=True)

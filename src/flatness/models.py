@@ -17,8 +17,12 @@ from torch import nn
 from flatness.batches import eval_mode
 from flatness.checkpoint import atomic_torch_save  # noqa: F401  (re-exported: its old home)
 
-MODEL_KEYS = {"name", "widths", "bias", "batchnorm", "dropout", "in_shape", "num_classes"}
-_DEFAULTS = {"widths": (512, 512), "bias": True, "batchnorm": False, "dropout": 0.0}
+MODEL_KEYS = {
+    "name", "widths", "bias", "batchnorm", "dropout", "head_widths", "in_shape", "num_classes"
+}  # fmt: skip
+_DEFAULTS = {
+    "widths": (512, 512), "bias": True, "batchnorm": False, "dropout": 0.0, "head_widths": ()
+}  # fmt: skip
 
 VGG16_CONVS = (
     64,
@@ -72,7 +76,7 @@ def _fc_block(fin, fout, bias, bn, dropout) -> list[nn.Module]:
     return layers
 
 
-def mlp(in_shape, num_classes, widths, bias, batchnorm, dropout) -> nn.Sequential:
+def mlp(in_shape, num_classes, widths, bias, batchnorm, dropout, **_) -> nn.Sequential:
     """Flatten → (Linear → [BN] → ReLU → [Dropout]) per width → Linear. Keskar F1: widths 5×512."""
     layers: list[nn.Module] = [nn.Flatten()]
     fin = int(torch.tensor(in_shape).prod())
@@ -156,14 +160,23 @@ def vgg16(in_shape, num_classes, bias, batchnorm, dropout, **_) -> nn.Sequential
     )
 
 
-def resnet18(in_shape, num_classes, **_) -> nn.Module:
-    """torchvision's ResNet-18 with the CIFAR stem (3×3 conv, stride 1, no maxpool); BN intrinsic."""
+def resnet18(in_shape, num_classes, head_widths=(), **_) -> nn.Module:
+    """torchvision's ResNet-18 with the CIFAR stem (3×3 conv, stride 1, no maxpool); BN intrinsic.
+
+    ``head_widths`` puts linear layers with **no** activation between the 512-d pooled features
+    and the classifier: ``[64]`` is the FAM authors' 512 → 64 → 10 head (METHODS.md §7.4), whose
+    10 × 64 last layer FAM regularises (its penalty carries 1/m, m = 64). The linear bottleneck
+    adds a GL(64) symmetry that no measure here is invariant to (METHODS.md §1).
+    """
     import torchvision
 
     net = torchvision.models.resnet18(num_classes=num_classes)
     net.conv1 = nn.Conv2d(in_shape[0], 64, 3, stride=1, padding=1, bias=False)
     nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
     net.maxpool = nn.Identity()
+    if head_widths:
+        widths = [net.fc.in_features, *(int(w) for w in head_widths), num_classes]
+        net.fc = nn.Sequential(*(nn.Linear(a, b) for a, b in zip(widths, widths[1:], strict=False)))
     return net
 
 
@@ -193,6 +206,8 @@ def build_model(cfg: dict[str, Any]) -> nn.Module:
         raise ValueError(f"model config lacks {missing[0]!r}")
     if cfg["name"] not in BUILDERS:
         raise ValueError(f"model.name = {cfg['name']!r}; choose one of {sorted(BUILDERS)}")
+    if cfg.get("head_widths") and cfg["name"] != "resnet18":
+        raise ValueError(f"model.head_widths is a resnet18 option, not one of {cfg['name']!r}")
     opts = {**_DEFAULTS, **{k: v for k, v in cfg.items() if k in _DEFAULTS}}
     in_shape = tuple(int(s) for s in cfg["in_shape"])
     return BUILDERS[cfg["name"]](in_shape, int(cfg["num_classes"]), **opts)
