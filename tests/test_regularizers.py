@@ -276,3 +276,54 @@ def test_fam_custom_loss_uses_the_shared_head_hessian(monkeypatch):
     mse = lambda z, t: nn.functional.mse_loss(z, nn.functional.one_hot(t, 4).to(z.dtype))  # noqa: E731
     R = fam_penalty(model, X, y, loss_fn=mse)
     assert calls == [1] and float(R) > 0
+
+
+class _Scale(nn.Module):
+    """Multiplies the logits after the last nn.Linear: the model output is no longer W φ + b."""
+
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, z):
+        return self.factor * z
+
+
+@pytest.mark.parametrize("variant", ["as_released", "full"])
+def test_fam_ce_rejects_a_model_that_transforms_its_logits(trained_mlp64, fixture_data64, variant):
+    """The CE closed form reads the logits as W φ + b of the last nn.Linear; a model that rescales
+    them after that layer would get a penalty ≈ 9× off (×3 logits) without a word. The CE path runs
+    the same shared output check (flatness.lastlayer.check_head_output) as the other paths."""
+    X, y = fixture_data64
+    scaled = nn.Sequential(*copy.deepcopy(trained_mlp64), _Scale(3.0))
+    with pytest.raises(ValueError, match="not the output of its last nn.Linear"):
+        fam_penalty(scaled, X, y, variant)
+    opt = torch.optim.SGD(scaled.parameters(), lr=LR)
+    with pytest.raises(ValueError, match="not the output of its last nn.Linear"):
+        STEPS["fam"](scaled, X, y, opt, RegularizerConfig(name="fam", lam=0.1, variant=variant))
+    # The unmodified model still passes the check and gives κ_Tr/m (the exact layer Hessian).
+    W = last_linear(trained_mlp64).weight.detach()
+    H = _layer_hessian(trained_mlp64, X, y, nn.functional.cross_entropy)
+    kappa = float((W @ W.T * torch.einsum("stut->su", H)).sum())
+    R = float(fam_penalty(trained_mlp64, X, y, variant))
+    assert R == pytest.approx(kappa / W.shape[1], rel=1e-10)
+
+
+def test_fam_ce_uses_the_shared_output_check(monkeypatch):
+    """One output check (flatness.lastlayer.check_head_output) for every FAM path, run on the
+    logits of the forward pass the step already does (no extra forward)."""
+    from flatness import lastlayer, regularizers
+
+    calls, forwards = [], []
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return lastlayer.check_head_output(*args, **kwargs)
+
+    monkeypatch.setattr(regularizers, "check_head_output", spy)
+    X, y = fixture_data(n=16)
+    model = make_mlp()
+    model.register_forward_hook(lambda mod, inp, out: forwards.append(1))
+    for variant in ("as_released", "full"):
+        fam_penalty(model, X, y, variant)
+    assert calls == [1, 1] and forwards == [1, 1]

@@ -144,6 +144,10 @@ def _fam_terms(model, X, y, variant: str, loss_fn: LossFn | None) -> tuple[Tenso
     W = layer.weight  # (d, m)
     m = W.shape[1]
     phi, logits = features_and_logits(model, X, layer)
+    # Every path (the CE closed form included) reads the model output as W φ + b of the last
+    # nn.Linear: the shared check compares the two on this forward pass (one small no-grad matmul
+    # of the head, no extra forward), so a model that transforms its logits raises, never misleads.
+    check_head_output(phi, W, layer.bias, logits)
     if loss_fn is None:
         loss = default_loss(logits, y)
         if variant == "full":
@@ -154,8 +158,7 @@ def _fam_terms(model, X, y, variant: str, loss_fn: LossFn | None) -> tuple[Tenso
         # nothing reaches the features, and the pairwise form avoids float32 cancellation.
         return loss, kappa_tr_ce_per_sample(phi.detach(), W, logits.detach()).mean() / m
     # Any other loss: the exact Hessian of the batch loss w.r.t. W, layout (d, m, d, m) (§4.2),
-    # by the same function (and output check) as relative flatness.
-    check_head_output(phi, W, layer.bias, logits)
+    # by the same function as relative flatness.
     loss = loss_fn(logits, y)
     H = head_hessian(lambda out: loss_fn(out, y), phi, W, layer.bias, logits.shape)
     block_tr = torch.einsum("stut->su", H)  # Tr H_{s,s'}  (d, d)
@@ -175,7 +178,10 @@ def fam_penalty(model, X, y, variant: str = "as_released", loss_fn: LossFn | Non
     curvature is a constant, so ∇_W R = (C + Cᵀ)W with C = Tr H_{s,s'}/m and no gradient reaches
     the features; ``full``: the gradient flows through the curvature (p_i and φ_i). Cross-entropy
     (``loss_fn=None``) uses the closed form ``kappa_tr_ce_per_sample``; any other loss the exact
-    layer Hessian (``torch.func.hessian``, small heads only).
+    layer Hessian (``torch.func.hessian``, small heads only). Both need the model output to be
+    the last ``nn.Linear``'s output ``W φ + b``; a model that transforms it afterwards (a scale, a
+    softmax, a second use of the layer) raises a ValueError
+    (:func:`flatness.lastlayer.check_head_output`).
     """
     return _fam_terms(model, X, y, variant, loss_fn)[1]
 
