@@ -139,6 +139,31 @@ def test_stderr_and_sigma_max(trained_mlp64, fixture_data64):
     assert 0.01 * (1 - 2**-7) <= capped < 0.01
 
 
+def test_stderr_covers_the_spread_over_seeds(trained_mlp64, fixture_data64):
+    """The reported stderr matches the sd of σ over seeds: it must cover the Monte Carlo noise of
+    the drop *and* the bisection's ±tol acceptance band. S = 50 makes the band a large share
+    (the Monte Carlo term shrinks as 1/√S, the band's σ-width 2·tol/D' does not): with the
+    Monte Carlo term alone the ratio sd/median stderr is ≈ 1.35 here (1.33–1.46 over four
+    150-seed blocks; ≈ 1.17 at the default S = 10, too close to 1 to test with a feasible n),
+    with both terms 0.96–1.05.
+
+    Bound: if the stderr is right, (n − 1)·sd²/stderr² ~ χ²(n − 1) (σ ≈ normal), so
+    sd/stderr ≤ sqrt(χ²_0.99(n − 1)/(n − 1)) = 1.136 for n = 150 with 99 % probability.
+    The converse check keeps the stderr from passing by being huge. Runtime ≈ 15 s."""
+    from scipy.stats import chi2
+
+    n, S = 150, 50
+    runs = [
+        pacbayes_sigma(trained_mlp64, fixture_data64, num_samples=S, seed=s, return_stderr=True)
+        for s in range(n)
+    ]
+    sigmas, stderrs = np.array(runs).T
+    sd, reported = sigmas.std(ddof=1), np.median(stderrs)
+    bound = math.sqrt(chi2.ppf(0.99, n - 1) / (n - 1))
+    assert sd <= bound * reported, f"sd {sd:.2e} vs median stderr {reported:.2e}"
+    assert reported <= 3 * sd, f"sd {sd:.2e} vs median stderr {reported:.2e}"
+
+
 def test_model_untouched_and_mode_restored(fixture_data64):
     model = make_mlp(seed=3).train()
     before = [p.detach().clone() for p in model.parameters()]
