@@ -28,7 +28,9 @@ install: $(STAMP)
 system-deps:
 	bash .ci/system_deps.sh
 
+# After a crash (SIGKILL, power loss) Snakemake's lock stays: unlock it unless Snakemake runs here.
 run: $(STAMP)
+	$(PY) -m flatness unlock-stale
 	$(BIN)/snakemake --cores $(CORES) --rerun-incomplete
 	$(BIN)/snakemake --cores $(CORES) --report report/report.html
 	@echo "report: report/report.html"

@@ -1,4 +1,5 @@
-"""Command line: ``python -m flatness train --config run.yaml --out DIR [--resume-dir DIR]``.
+"""Command line: ``python -m flatness train --config run.yaml --out DIR [--resume-dir DIR]``;
+``python -m flatness unlock-stale`` removes the lock a crashed Snakemake left (``make run`` does).
 
 Exit status: 0 for a finished run (also a diverged one: divergence is a result, recorded in
 ``metrics.json``); 2 for a bad config or missing data (one line on stderr); 128 + signal number
@@ -23,11 +24,18 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, type=Path, help="output folder")
     t.add_argument("--resume-dir", type=Path, default=None, help="checkpoint folder (resumes)")
     t.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    u = sub.add_parser(
+        "unlock-stale",
+        help="remove a Snakemake lock left by a crashed run (refuses while Snakemake runs here)",
+    )
+    u.add_argument("--directory", type=Path, default=Path("."), help="the working directory")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "unlock-stale":
+        return _unlock_stale(args.directory)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from flatness.checkpoint import CheckpointError
     from flatness.config import RunConfig
@@ -53,4 +61,15 @@ def main(argv: list[str] | None = None) -> int:
         f"{metrics['test_acc']:.4f} epochs {metrics['epochs']} -> {args.out}",
         file=sys.stderr,
     )
+    return 0
+
+
+def _unlock_stale(directory: Path) -> int:
+    from flatness.workflow_lock import LockHeld, recover
+
+    try:
+        print(f"flatness: {recover(directory)}", file=sys.stderr)
+    except LockHeld as err:
+        print(f"flatness: {err}", file=sys.stderr)
+        return 1
     return 0
