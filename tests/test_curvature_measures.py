@@ -702,3 +702,82 @@ def test_ggn_exact_makes_no_hvps_and_large_nets_stay_exact(monkeypatch):
     value, se = hessian_trace(net, (X, y), return_stderr=True)
     assert count.calls == 0 and se == 0.0
     assert rel(value, float(torch.trace(dense_hessian(net, X, y)))) <= 1e-8
+
+
+# --- worst-case aggregation: max of the mean loss vs max per batch, then averaged (METHODS §5) ---
+
+
+@pytest.mark.parametrize("p, rho", [(2, 0.05), ("inf", 2e-3)])
+def test_worst_case_per_batch_with_one_batch_is_the_mean_loss_version(
+    random_mlp64, fixture_data64, p, rho
+):
+    """One batch of all N samples: the per-batch maximum is the maximum of the mean loss (same
+    APGD, same seed, same chunks), whatever the data form."""
+    X, y = fixture_data64
+    N = X.shape[0]
+    wc = {"kind": "worst_case", "rho": rho, "p": p, "seed": 3}
+    mean = adaptive_sharpness(random_mlp64, (X, y), **wc)
+    assert mean == adaptive_sharpness(random_mlp64, (X, y), aggregate="mean_loss", **wc)
+    one = adaptive_sharpness(random_mlp64, (X, y), aggregate="per_batch", batch_size=N, **wc)
+    assert one == pytest.approx(mean, rel=1e-12)
+    # Batches are consecutive slices of all samples, so the two data forms agree.
+    chunks = [(X[i : i + 20], y[i : i + 20]) for i in range(0, N, 20)]
+    for bs in (N, 16):
+        a = adaptive_sharpness(random_mlp64, (X, y), aggregate="per_batch", batch_size=bs, **wc)
+        b = adaptive_sharpness(random_mlp64, chunks, aggregate="per_batch", batch_size=bs, **wc)
+        assert a == pytest.approx(b, rel=1e-12)
+
+
+def test_worst_case_per_batch_is_at_least_the_mean_loss_version():
+    """On a linear model with a loss linear in its output, L(w + δ) − L(w) = gᵀδ exactly, and over
+    the ℓ∞ ball ‖δ ⊘ |w|‖∞ ≤ ρ its maximum is ρ‖|w| ⊙ g‖₁. APGD's first sign step of size 2ρ from
+    any point of the box lands on that vertex, so both versions are exact maxima here:
+    mean_loss = ρ‖|w| ⊙ Σ_b (n_b/N) g_b‖₁ ≤ Σ_b (n_b/N) ρ‖|w| ⊙ g_b‖₁ = per_batch (triangle
+    inequality: max of the average ≤ average of the maxima), strictly when batch gradients have
+    coordinates of opposite signs, as here (random ±1 targets)."""
+    g = torch.Generator().manual_seed(0)
+    lin = nn.Linear(5, 1).double()
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(1, 5, generator=g, dtype=torch.float64))
+        lin.bias.fill_(0.3)
+    X = torch.randn(40, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 2, (40,), generator=g).double() * 2 - 1
+
+    def loss_fn(out, t):
+        return (out.squeeze(-1) * t).mean()
+
+    def exact(Xb, yb):
+        grads = torch.autograd.grad(loss_fn(lin(Xb), yb), list(lin.parameters()))
+        c = torch.cat([p.detach().abs().reshape(-1) for p in lin.parameters()])
+        return rho * float((c * torch.cat([t.reshape(-1) for t in grads])).abs().sum())
+
+    rho, bs = 0.01, 8
+    wc = {"kind": "worst_case", "rho": rho, "p": "inf", "loss_fn": loss_fn}
+    mean = adaptive_sharpness(lin, (X, y), **wc)
+    per = adaptive_sharpness(lin, (X, y), aggregate="per_batch", batch_size=bs, **wc)
+    assert mean == pytest.approx(exact(X, y), rel=1e-10)
+    batch_max = [exact(X[i : i + bs], y[i : i + bs]) for i in range(0, 40, bs)]
+    assert per == pytest.approx(sum(batch_max) / len(batch_max), rel=1e-10)
+    assert per > 1.5 * mean
+
+
+def test_worst_case_aggregate_option_is_checked(trained_mlp64, fixture_data64):
+    X, y = fixture_data64
+    with pytest.raises(ValueError, match=r"aggregate must be one of \('mean_loss', 'per_batch'\)"):
+        adaptive_sharpness(trained_mlp64, (X, y), kind="worst_case", aggregate="max")
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        adaptive_sharpness(
+            trained_mlp64, (X, y), kind="worst_case", aggregate="per_batch", batch_size=0
+        )
+    with pytest.raises(ValueError, match="batch_size applies to aggregate='per_batch'"):
+        adaptive_sharpness(trained_mlp64, (X, y), kind="worst_case", batch_size=16)
+    with pytest.raises(ValueError, match="aggregate applies to kind='worst_case'"):
+        adaptive_sharpness(trained_mlp64, (X, y), aggregate="per_batch")
+
+
+def test_worst_case_aggregate_passes_the_workflow_option_check():
+    from flatness.suite import measure_specs
+
+    opts = {"kind": "worst_case", "aggregate": "per_batch", "batch_size": 128}
+    (spec,) = measure_specs([{"function": "adaptive_sharpness", "options": opts}])
+    assert spec.options == opts

@@ -14,7 +14,15 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from flatness.batches import DEFAULT_CHUNK, Batches, eval_mode, loss_reduction, loss_term, mean_loss
+from flatness.batches import (
+    DEFAULT_CHUNK,
+    Batches,
+    batch_weight,
+    eval_mode,
+    loss_reduction,
+    loss_term,
+    mean_loss,
+)
 from flatness.ggn import ggn_trace, piecewise_linear_offender
 from flatness.hutchinson import adaptive_hutchpp_trace, hutchpp_trace
 from flatness.hvp import DEFAULT_GRAPH_BUDGET, HessianOperator
@@ -24,6 +32,10 @@ from flatness.lanczos import DEFAULT_METHOD, METHODS, top_eigenvalues
 EXACT_TRACE_MAX_PARAMS = 2000
 #: ``hessian_trace`` methods: "auto" picks the first exact one that applies, else Hutch++.
 TRACE_METHODS = ("auto", "ggn_exact", "dense", "hutchpp")
+#: ``adaptive_sharpness(kind="worst_case")`` aggregations; the first is the default.
+WORST_CASE_AGGREGATES = ("mean_loss", "per_batch")
+#: Batch size of ``aggregate="per_batch"`` (Andriushchenko et al. 2023: 1024 points in batches of 128).
+PER_BATCH_SIZE = 128
 
 
 def _operator(model, data, loss_fn, params, chunk_size, graph_budget_bytes) -> HessianOperator:
@@ -260,6 +272,8 @@ def adaptive_sharpness(
     seed: int = 0,
     method: str = DEFAULT_METHOD,
     num_iter: int = 20,
+    aggregate: str = "mean_loss",
+    batch_size: int | None = None,
     chunk_size: int | None = DEFAULT_CHUNK,
     graph_budget_bytes: int = DEFAULT_GRAPH_BUDGET,
 ) -> float:
@@ -274,17 +288,39 @@ def adaptive_sharpness(
     .. math::
         \\max_{‖δ ⊘ (|w|+η)‖_p ≤ ρ} L(w + δ) − L(w)
 
-    over the mean loss on all of ``data`` (not Andriushchenko's max-per-batch-then-average), by
-    APGD-style projected gradient ascent: ``num_iter`` steps (ℓ∞: sign steps; ℓ2: normalised
+    by APGD-style projected gradient ascent: ``num_iter`` steps (ℓ∞: sign steps; ℓ2: normalised
     steps), momentum 0.75, step size halved at the APGD checkpoints when progress stalls, from a
     random start inside the ball (``seed``). ``p`` ∈ {2, inf}; ``rho`` defaults to 0.5 (ℓ2) and
-    0.002 (ℓ∞). Returns max(best found, 0) (δ = 0 is feasible).
+    0.002 (ℓ∞). Each maximum is max(best found, 0) (δ = 0 is feasible). ``aggregate`` says
+    which loss is maximised (METHODS.md §5):
+
+    - ``"mean_loss"`` (default): one δ for all of ``data``, the maximum of the mean loss over
+      every sample (the data loss of the other measures).
+    - ``"per_batch"`` (Andriushchenko et al. 2023): all samples, in data order, are cut into
+      consecutive batches of ``batch_size`` (default 128; the last may be smaller), whatever
+      the data form; the same APGD (same ``seed``) runs on each batch's own loss with its own
+      δ, and the batch maxima are averaged weighted by n_b/N (summed for a sum-reduced
+      ``loss_fn``). The exact per-batch value is ≥ the mean-loss one, since the max of an
+      average ≤ the average of the maxima (equal with one batch); it is a different, larger
+      quantity, and costs the same number of passes over the data.
+
+    ``aggregate`` and ``batch_size`` apply only to ``kind="worst_case"``; ``batch_size`` only to
+    ``"per_batch"``. ``chunk_size`` still splits a batch for memory.
     """
     if eta < 0:
         raise ValueError(f"eta must be ≥ 0, got {eta}")
     if rho is not None and not rho > 0:
         raise ValueError(f"rho must be positive, got {rho}")
     loss_reduction(loss_fn)  # reject reduction="none" before any work
+    if aggregate not in WORST_CASE_AGGREGATES:
+        raise ValueError(f"aggregate must be one of {WORST_CASE_AGGREGATES}, got {aggregate!r}")
+    if kind != "worst_case" and aggregate != "mean_loss":
+        raise ValueError(f"aggregate applies to kind='worst_case', not kind={kind!r}")
+    if batch_size is not None:
+        if aggregate != "per_batch":
+            raise ValueError("batch_size applies to aggregate='per_batch'")
+        if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     if kind == "quadratic":
         op = _operator(model, data, loss_fn, None, chunk_size, graph_budget_bytes)
         C = torch.cat([p_.detach().abs().reshape(-1) + eta for p_ in op.params])
@@ -295,7 +331,12 @@ def adaptive_sharpness(
             raise ValueError(f"p must be 2 or inf, got {p!r}")
         p_inf = p != 2
         rho = (0.002 if p_inf else 0.5) if rho is None else float(rho)
-        return _worst_case(model, data, loss_fn, rho, p_inf, eta, num_iter, seed, chunk_size)
+        args = (loss_fn, rho, p_inf, eta, num_iter, seed)
+        if aggregate == "mean_loss":
+            return _worst_case(model, Batches.for_model(data, model, chunk_size), *args)
+        return _worst_case_per_batch(
+            model, data, PER_BATCH_SIZE if batch_size is None else int(batch_size), chunk_size, args
+        )
     raise ValueError(f"kind must be 'quadratic' or 'worst_case', got {kind!r}")
 
 
@@ -307,8 +348,22 @@ def _apgd_checkpoints(num_iter: int) -> set[int]:
     return {math.ceil(q * num_iter) for q in ps[1:] if q < 1}
 
 
-def _worst_case(model, data, loss_fn, rho, p_inf, eta, num_iter, seed, chunk_size) -> float:
-    batches = Batches.for_model(data, model, chunk_size=chunk_size)
+def _worst_case_per_batch(model, data, batch_size: int, chunk_size, args) -> float:
+    """Andriushchenko's aggregation: :func:`_worst_case` on each batch of ``batch_size``
+    consecutive samples (its own δ), the maxima weighted by :func:`flatness.batches.batch_weight`."""
+    parts = Batches(data, chunk_size=None)  # validated; a pair stays one batch (no copy)
+    pair = parts.concatenated() if len(parts) > 1 else next(iter(parts))
+    per = Batches(pair, chunk_size=batch_size)
+    loss_fn, N = args[0], per.num_samples
+    return sum(
+        batch_weight(loss_fn, Xb.shape[0], N)
+        * _worst_case(model, Batches.for_model((Xb, yb), model, chunk_size), *args)
+        for Xb, yb in per
+    )
+
+
+def _worst_case(model, batches: Batches, loss_fn, rho, p_inf, eta, num_iter, seed) -> float:
+    """max over the adaptive ball of the data loss on ``batches`` minus its value at w."""
     names = [n for n, _ in model.named_parameters()]
     base = [t.detach() for _, t in model.named_parameters()]
     scale = [t.abs() + eta for t in base]
