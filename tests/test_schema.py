@@ -219,8 +219,9 @@ def test_config_readme_lists_every_top_level_and_nested_key():
 
 
 def test_fam_study_uses_the_authors_bottleneck_head():
-    from flatness.suite import expand_grid
     from snakemake.utils import validate as snakemake_validate
+
+    from flatness.suite import expand_grid
 
     cfg = yaml.safe_load((REPO / "config/paper/fam_cifar10_resnet18.yaml").read_text())
     snakemake_validate(cfg, str(REPO / "workflow/schemas/config.schema.yaml"))
