@@ -89,7 +89,7 @@ def test_atomic_torch_save_is_the_checkpoint_helper():
 def test_resnet18_bottleneck_head_is_the_fam_authors_head(tmp_path):
     # FAM's ResNet-18 (METHODS.md §7.4): 512 → 64 → 10, two Linear layers with nothing between,
     # the regularised layer being the last (10 × 64), so λ's 1/m carries m = 64.
-    from flatness.lastlayer import last_linear
+    from flatness.lastlayer import features_and_logits, last_linear
 
     cfg = {"name": "resnet18", "head_widths": [64], "in_shape": [3, 32, 32], "num_classes": 10}
     torch.manual_seed(0)
@@ -98,10 +98,22 @@ def test_resnet18_bottleneck_head_is_the_fam_authors_head(tmp_path):
     assert [type(m) for m in net.fc] == [nn.Linear, nn.Linear]
     assert (net.fc[0].in_features, net.fc[0].out_features) == (512, 64)
     assert last_linear(net) is net.fc[1] and tuple(net.fc[1].weight.shape) == (10, 64)
+    # What relative flatness and FAM read on a forward pass: φ is the 64-d bottleneck output, the
+    # bottleneck's plain affine image of the pooled 512-d features (no activation in between).
+    pooled: list[torch.Tensor] = []
+    hook = net.fc[0].register_forward_hook(lambda mod, inp, out: pooled.append(inp[0]))
     x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        phi, logits = features_and_logits(net, x)
+    hook.remove()
+    assert phi.shape == (2, 64) and pooled[0].shape == (2, 512)
+    torch.testing.assert_close(phi, net.fc[0](pooled[0]), rtol=0, atol=0)
+    torch.testing.assert_close(logits, net.fc[1](phi), rtol=0, atol=0)
     save_model(net, cfg, tmp_path / "m.pt")
     again = load_model(tmp_path / "m.pt")
-    assert torch.equal(again(x), net(x))
+    with torch.no_grad():
+        assert torch.equal(again(x), logits)
+    assert last_linear(again) is again.fc[1]
     plain = build_model({**cfg, "head_widths": []})
     assert isinstance(plain.fc, nn.Linear) and plain.fc.in_features == 512
 
