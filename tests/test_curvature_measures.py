@@ -708,7 +708,7 @@ def test_ggn_exact_makes_no_hvps_and_large_nets_stay_exact(monkeypatch):
 
 
 @pytest.mark.parametrize("p, rho", [(2, 0.05), ("inf", 2e-3)])
-def test_worst_case_per_batch_with_one_batch_is_the_mean_loss_version(
+def test_adaptive_worst_case_per_batch_with_one_batch_is_the_mean_loss_version(
     random_mlp64, fixture_data64, p, rho
 ):
     """One batch of all N samples: the per-batch maximum is the maximum of the mean loss (same
@@ -728,7 +728,7 @@ def test_worst_case_per_batch_with_one_batch_is_the_mean_loss_version(
         assert a == pytest.approx(b, rel=1e-12)
 
 
-def test_worst_case_per_batch_is_at_least_the_mean_loss_version():
+def test_adaptive_worst_case_per_batch_is_at_least_the_mean_loss_version():
     """On a linear model with a loss linear in its output, L(w + δ) − L(w) = gᵀδ exactly, and over
     the ℓ∞ ball ‖δ ⊘ |w|‖∞ ≤ ρ its maximum is ρ‖|w| ⊙ g‖₁. APGD's first sign step of size 2ρ from
     any point of the box lands on that vertex, so both versions are exact maxima here:
@@ -761,7 +761,7 @@ def test_worst_case_per_batch_is_at_least_the_mean_loss_version():
     assert per > 1.5 * mean
 
 
-def test_worst_case_aggregate_option_is_checked(trained_mlp64, fixture_data64):
+def test_adaptive_worst_case_aggregate_option_is_checked(trained_mlp64, fixture_data64):
     X, y = fixture_data64
     with pytest.raises(ValueError, match=r"aggregate must be one of \('mean_loss', 'per_batch'\)"):
         adaptive_sharpness(trained_mlp64, (X, y), kind="worst_case", aggregate="max")
@@ -775,7 +775,7 @@ def test_worst_case_aggregate_option_is_checked(trained_mlp64, fixture_data64):
         adaptive_sharpness(trained_mlp64, (X, y), aggregate="per_batch")
 
 
-def test_worst_case_aggregate_passes_the_workflow_option_check():
+def test_adaptive_worst_case_aggregate_passes_the_workflow_option_check():
     from flatness.suite import measure_specs
 
     opts = {"kind": "worst_case", "aggregate": "per_batch", "batch_size": 128}
