@@ -252,3 +252,90 @@ def test_branching_containers_are_refused():
     ):
         with pytest.raises(ValueError, match="_Residual"):
             call(net)
+
+
+# --------------------------------------------------------------------------------------------
+# Only positively homogeneous maps may sit between rescaled layers (an allowlist)
+
+REFUSED = [nn.Tanh, nn.GELU, nn.Sigmoid, nn.Softplus, nn.ELU, nn.SELU, nn.SiLU, nn.Mish,
+           nn.ReLU6, nn.Hardtanh, nn.Hardswish, nn.LogSigmoid, nn.Softsign, nn.CELU]  # fmt: skip
+
+
+def test_rescaling_across_tanh_would_change_the_function():
+    # The defect the allowlist closes (the review's example): ×4 / ÷4 across a Tanh moves the
+    # outputs by ≈ 0.5, where across a ReLU it moves them by nothing.
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, dtype=torch.float64)
+    for act, moves in ((nn.Tanh(), True), (nn.ReLU(), False)):
+        net = nn.Sequential(nn.Linear(3, 4), act, nn.Linear(4, 2)).double()
+        with torch.no_grad():
+            manual = copy.deepcopy(net)
+            manual[0].weight.mul_(4.0), manual[0].bias.mul_(4.0), manual[2].weight.div_(4.0)
+            change = float((manual(x) - net(x)).abs().max())
+        assert (change > 0.05) if moves else (change < 1e-12), (act, change)
+    with pytest.raises(ValueError, match="Tanh"):
+        layerwise_rescale(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)), [4, 0.25])
+
+
+def _mlp_with(act: nn.Module) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), act, nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)).double()
+
+
+@pytest.mark.parametrize("act", REFUSED, ids=lambda a: a.__name__)
+def test_non_homogeneous_activations_are_refused_by_name(act):
+    net = _mlp_with(act())
+    for rescale in (
+        lambda m: layerwise_rescale(m, [4.0, 0.25, 1.0]),
+        lambda m: neuronwise_rescale(m, 0, torch.linspace(0.5, 2.0, 4)),
+        lambda m: dinh_alpha_rescale(m, 100.0, layer=0),
+    ):
+        with pytest.raises(ValueError, match=rf"'1' \({act.__name__}\).*not positively homogeneous"):
+            rescale(net)
+
+
+class _Gate(nn.Module):
+    def forward(self, z):
+        return z * torch.sigmoid(z)
+
+
+def test_an_unknown_module_between_layers_is_refused():
+    net = _mlp_with(_Gate())
+    with pytest.raises(ValueError, match="_Gate"):
+        layerwise_rescale(net, [4.0, 0.25, 1.0])
+
+
+def _conv_net(pool: nn.Module) -> nn.Sequential:
+    torch.manual_seed(1)
+    return nn.Sequential(
+        nn.Conv2d(1, 3, 3), nn.ReLU(), pool, nn.Flatten(), nn.Dropout(0.3),
+        nn.Linear(48, 5), nn.Identity(), nn.Linear(5, 3), nn.Softmax(dim=1),
+    ).double().eval()  # fmt: skip
+
+
+ALLOWED = {
+    "relu": lambda: _mlp_with(nn.ReLU()),
+    "leaky_relu": lambda: _mlp_with(nn.LeakyReLU(0.1)),
+    "prelu": lambda: _mlp_with(nn.PReLU(4, init=0.3)),
+    "maxpool+flatten+dropout+identity": lambda: _conv_net(nn.MaxPool2d(2, padding=1)),
+    "avgpool": lambda: _conv_net(nn.AvgPool2d(2, padding=1)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ALLOWED))
+def test_homogeneous_maps_keep_the_function(name):
+    net = ALLOWED[name]().double().eval()
+    x = torch.randn(7, 3, dtype=torch.float64) if "relu" in name else torch.randn(
+        7, 1, 8, 8, dtype=torch.float64
+    )
+    n = len(weight_layers(net))
+    factors = [4.0, 0.25] + [1.0] * (n - 2)
+    units = weight_layers(net)[0].weight.shape[0]
+    with torch.no_grad():
+        ref = net(x)
+        for copy_ in (
+            layerwise_rescale(net, factors),
+            neuronwise_rescale(net, 0, torch.linspace(0.5, 2.0, units, dtype=torch.float64)),
+            dinh_alpha_rescale(net, 100.0, layer=0),
+        ):
+            assert (copy_(x) - ref).abs().max() <= 1e-12

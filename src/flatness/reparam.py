@@ -2,9 +2,14 @@
 
 Every map here is linear, θ' = Λθ with Λ positive diagonal, so L'(θ') = L(Λ⁻¹θ') and
 H' = Λ⁻¹HΛ⁻¹ at every θ. They apply to feed-forward chains of ``nn.Linear``/``nn.Conv2d`` layers
-joined by positively homogeneous maps (ReLU, leaky ReLU, max-pool, flatten, dropout in eval),
-with no normalisation layer (fold BatchNorm first with :func:`fold_batchnorm`). Each function
-returns a new model and leaves its argument untouched.
+joined by positively homogeneous maps, σ(az) = aσ(z) for a > 0: an allowlist
+(:data:`HOMOGENEOUS`: ReLU, leaky ReLU and PReLU, max- and average-pooling, flatten, identity,
+dropout, which is linear given its mask). Anything else between the first and the last weight
+layer (Tanh, GELU, Sigmoid, Softplus, ELU, ReLU6, Hardtanh, an unknown module) is refused with
+its name, since rescaling across it would silently change the function; what follows the last
+weight layer (a softmax) is untouched by every map here. No normalisation layer (fold BatchNorm
+first with :func:`fold_batchnorm`). Each function returns a new model and leaves its argument
+untouched.
 """
 
 from __future__ import annotations
@@ -21,6 +26,34 @@ _NORMS = (
     nn.GroupNorm,
     nn.LayerNorm,
     nn.modules.instancenorm._InstanceNorm,
+)
+
+
+#: Modules that commute with a positive per-unit scale (σ(az) = aσ(z), a > 0), so they may sit
+#: between rescaled weight layers. PReLU: max(0, z) + a·min(0, z) is homogeneous for any slope a.
+HOMOGENEOUS = (
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.Flatten,
+    nn.Unflatten,
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
 )
 
 
@@ -54,6 +87,17 @@ def _chain_layers(model: nn.Module) -> list[nn.Module]:
     layers = weight_layers(model)
     if len(layers) < 2:
         raise ValueError(f"a rescaling needs at least 2 weight layers, the model has {len(layers)}")
+    # In a Sequential chain, modules() order is execution order: check what lies between the
+    # first and the last weight layer (before and after them, any map is left unchanged).
+    leaves = [(n, m) for n, m in model.named_modules() if next(m.children(), None) is None]
+    ids = [i for i, (_, m) in enumerate(leaves) if isinstance(m, WeightLayer)]
+    for name, m in leaves[ids[0] + 1 : ids[-1]]:
+        if not isinstance(m, (*WeightLayer, *HOMOGENEOUS)):
+            raise ValueError(
+                f"module {name!r} ({type(m).__name__}) sits between rescaled weight layers but is "
+                "not positively homogeneous (σ(az) ≠ aσ(z)); rescaling across it would change the "
+                "function (allowed: ReLU, LeakyReLU, PReLU, pooling, flatten, identity, dropout)"
+            )
     return layers
 
 
