@@ -19,11 +19,13 @@ import torch
 
 from benchmarks.harness import Row, failed_row, machine_description, markdown_table, write_results
 
-#: topic name → module; each module has ``run(ctx) -> list[Row]``.
+#: topic name → module (``run(ctx) -> list[Row]``) or ``module:function`` (a function of that form).
 TOPICS = {
     "relative": "benchmarks.bench_relative",
     "curvature": "benchmarks.bench_curvature",
     "trainer": "benchmarks.bench_trainer",
+    "keskar": "benchmarks.bench_keskar",
+    "measure_cost": "benchmarks.bench_keskar:run_cost",
     # last: its probes run in fresh processes, which need the trained models cached above
     "memory": "benchmarks.bench_memory",
 }
@@ -93,7 +95,8 @@ def main(argv=None) -> int:
     for topic in args.only or list(TOPICS):
         t0 = time.perf_counter()
         try:
-            rows += importlib.import_module(TOPICS[topic]).run(ctx)
+            module, _, func = TOPICS[topic].partition(":")
+            rows += getattr(importlib.import_module(module), func or "run")(ctx)
         except Exception as exc:  # noqa: BLE001 — report the topic as not run, keep the others
             traceback.print_exc()
             rows.append(failed_row(topic, "(whole topic)", exc))

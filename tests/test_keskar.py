@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
+import scipy.optimize
 import torch
 from torch import nn
 
-from flatness.measures import keskar_sharpness
+from flatness.batches import Batches, default_loss
+from flatness.measures import keskar, keskar_sharpness
 from flatness.reparam import dinh_alpha_rescale, layerwise_rescale, neuronwise_rescale
 from tests.conftest import LAYERWISE_FACTORS, make_mlp, neuron_scales
 
@@ -155,3 +158,102 @@ def test_return_stderr_is_nan(fixture_data64):
 def test_model_without_parameters_raises(fixture_data64):
     with pytest.raises(ValueError, match="no parameters"):
         keskar_sharpness(nn.Identity(), fixture_data64)
+
+
+# --- the direct L-BFGS-B driver: same iterations, values and evaluations as scipy.optimize.minimize
+
+#: Values of the implementation through ``scipy.optimize.minimize`` (before the direct driver),
+#: measured on the fixtures: the driver reproduces them bit for bit.
+PINNED = {
+    ("trained", None, 0): 1.1801785363886842e-05,
+    ("trained", None, 1): 2.719891628508422e-05,
+    ("trained", 100, 0): 0.1562177112596788,
+    ("random", None, 0): 0.17205889635121796,
+    ("random", 10, 0): 0.0757993864951522,
+}
+
+needs_setulb = pytest.mark.skipif(
+    not keskar._setulb_usable(), reason="scipy's setulb has another signature: minimize() is used"
+)
+
+
+def _through_minimize(monkeypatch):
+    monkeypatch.setattr(keskar, "_setulb_usable", lambda: False)
+
+
+@pytest.mark.parametrize("key", list(PINNED), ids=[f"{a}-p{b}-s{c}" for a, b, c in PINNED])
+def test_value_unchanged(key, trained_mlp64, random_mlp64, fixture_data64, monkeypatch):
+    which, p, seed = key
+    model = trained_mlp64 if which == "trained" else random_mlp64
+    fast = keskar_sharpness(model, fixture_data64, subspace_dim=p, seed=seed)
+    assert fast == pytest.approx(PINNED[key], rel=1e-10, abs=0)
+    _through_minimize(monkeypatch)
+    slow = keskar_sharpness(model, fixture_data64, subspace_dim=p, seed=seed)
+    assert fast == pytest.approx(slow, rel=1e-10, abs=0)
+
+
+def _negated_loss(model, data, record: list):
+    flat = keskar._FlatLoss(model, Batches.for_model(data, model), default_loss)
+
+    def fun(y):
+        record.append(np.array(y, copy=True))
+        loss, g = flat(torch.from_numpy(np.array(y, copy=True)))
+        return -loss, -g.numpy()
+
+    return fun, flat.theta.numel()
+
+
+@needs_setulb
+@pytest.mark.parametrize("maxiter", [1, 3, 10])
+@pytest.mark.parametrize("start", ["random", "zero"])
+def test_driver_follows_scipy_minimize(maxiter, start, trained_mlp64, fixture_data64):
+    """Same L-BFGS-B iterates: the same points evaluated in the same order, the same nit and nfev."""
+    ours, theirs = [], []
+    fun, n = _negated_loss(trained_mlp64, fixture_data64, ours)
+    gen = np.random.default_rng(0)
+    bound = 0.1 * (gen.random(n) + 0.5)
+    y0 = (gen.random(n) * 2 - 1) * bound if start == "random" else np.zeros(n)
+    nit, nfev = keskar._lbfgsb_box(fun, y0, bound, maxiter)
+    fun_ref, _ = _negated_loss(trained_mlp64, fixture_data64, theirs)
+    res = scipy.optimize.minimize(
+        fun_ref,
+        y0,
+        jac=True,
+        method="L-BFGS-B",
+        bounds=scipy.optimize.Bounds(-bound, bound),
+        options={"maxiter": maxiter},
+    )
+    assert (nit, nfev) == (res.nit, res.nfev)
+    assert len(ours) == len(theirs) == nfev
+    assert all(np.array_equal(a, b) for a, b in zip(ours, theirs, strict=True))
+
+
+@needs_setulb
+@pytest.mark.parametrize("subspace_dim", [None, 7])
+def test_evaluations_are_scipy_nfev_plus_one(
+    subspace_dim, trained_mlp64, fixture_data64, monkeypatch
+):
+    """No evaluation beyond L-BFGS-B's own (``res.nfev`` of the same run through
+    ``scipy.optimize.minimize``) and the one loss at θ."""
+    calls = {"grad": 0, "loss": 0}
+    original = keskar._FlatLoss.__call__
+
+    def counting(self, delta, grad=True):
+        calls["grad" if grad else "loss"] += 1
+        return original(self, delta, grad)
+
+    monkeypatch.setattr(keskar._FlatLoss, "__call__", counting)
+    kw = dict(subspace_dim=subspace_dim, seed=2)
+    keskar_sharpness(trained_mlp64, fixture_data64, **kw)
+    ours = dict(calls)
+
+    results = []
+    minimize = scipy.optimize.minimize
+    monkeypatch.setattr(
+        scipy.optimize, "minimize", lambda *a, **k: results.append(minimize(*a, **k))
+    )
+    _through_minimize(monkeypatch)
+    keskar_sharpness(trained_mlp64, fixture_data64, **kw)
+    (res,) = results
+    assert res.nit >= 1 and res.nfev > res.nit
+    assert ours == {"grad": res.nfev, "loss": 1}
