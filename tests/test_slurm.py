@@ -13,14 +13,25 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 
+from tests.test_workflow_faults import (
+    TINY,
+    comparable_metrics,
+    load_weights,
+    merged,
+    run_dirs,
+    snakemake_cmd,
+)
 from tests.workflow_helpers import REPO, run_snakemake, workflow_env
 
 ARTIFACTS = REPO / "tests" / "artifacts"
@@ -199,6 +210,7 @@ def test_tiny_study_runs_through_slurm(slurm_cluster, tmp_path):
     profile = one_node_profile(tmp_path / "profile")
     # The job steps start `python -m snakemake` on the node: workflow_env puts the venv on PATH,
     # and sbatch --export=ALL carries it into the job.
+    work.mkdir()
     r = run_snakemake(
         work, "--profile", str(profile), env=workflow_env(), check=False, timeout=1500
     )
@@ -255,3 +267,255 @@ def test_tiny_study_runs_through_slurm(slurm_cluster, tmp_path):
     figures = sorted(p.name for p in (work / "results" / "figures").glob("*.png"))
     assert len(figures) == per_rule.get("fig_interpolation", 0) + 4, figures
     assert (work / "results" / "tables" / "findings.md").stat().st_size > 0
+
+
+# --------------------------------------------------------------------------------------------
+# (c) interrupted training on SLURM resumes from its checkpoint
+#
+# A training job that SLURM signals (scancel --signal, or SIGTERM at its time limit) checkpoints
+# and exits non-zero (flatness.train.TrainingInterrupted); the executor plugin sees the job FAILED
+# or TIMEOUT, counts it as failed, and Snakemake's `retries` resubmits it with attempt 2; the new
+# job resumes from results/ckpt/{run}/ (undeclared, so Snakemake does not delete it). The result
+# must equal an uninterrupted local run of the same config, bit for bit on CPU.
+
+
+def squeue_jobs(*fields: str) -> list[dict[str, str]]:
+    """Every job squeue still remembers, as dicts of the given -O fields (plus JobID)."""
+    fields = ("JobID", *fields)
+    r = subprocess.run(
+        ["squeue", "--states=all", "-h", "-O", ",".join(f"{f}:|" for f in fields)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return [
+        dict(zip(fields, (v.strip() for v in line.split("|")), strict=False))
+        for line in r.stdout.splitlines()
+    ]
+
+
+def train_jobs(run: str, before: set[str]) -> list[dict[str, str]]:
+    """The SLURM jobs (oldest first) of `run`'s train rule submitted after `before` was taken."""
+    jobs = [
+        j
+        for j in squeue_jobs("State", "Comment", "TimeLimit", "Reason")
+        if j["JobID"] not in before
+        and j["Comment"].startswith("rule_train_")
+        and j["Comment"].endswith(run)
+    ]
+    return sorted(jobs, key=lambda j: int(j["JobID"]))
+
+
+def resume_profile(dest: Path, **train: object) -> Path:
+    """one_node_profile with the train rule's resources overridden by `train`."""
+    profile = one_node_profile(dest)
+    cfg = yaml.safe_load((profile / "config.yaml").read_text())
+    cfg["set-resources"]["train"].update(train)
+    (profile / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return profile
+
+
+@pytest.fixture
+def start_snakemake():
+    """start(workdir, configfile, log, *args): Snakemake in the background (own session, output
+    to `log`), for the local reference run beside the SLURM run or a SLURM run the test
+    interrupts. Whatever still runs at teardown is stopped (SIGTERM to its process group)."""
+    procs: list[subprocess.Popen] = []
+
+    def start(workdir: Path, configfile: Path, log: Path, *args: str) -> subprocess.Popen:
+        workdir.mkdir(parents=True, exist_ok=True)
+        with log.open("w") as out:
+            proc = subprocess.Popen(
+                snakemake_cmd(workdir, configfile, *args),
+                cwd=workdir,
+                env=workflow_env(),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=60)
+
+
+def assert_same_as_reference(work: Path, ref: Path) -> None:
+    """Weights (bitwise) and metrics (but times and git commit) of every run equal the reference."""
+    got_runs, ref_runs = run_dirs(work), run_dirs(ref)
+    assert sorted(got_runs) == sorted(ref_runs)
+    for name, path in got_runs.items():
+        assert comparable_metrics(path / "metrics.json") == comparable_metrics(
+            ref_runs[name] / "metrics.json"
+        ), f"{name}: metrics differ from the uninterrupted run"
+        got, want = load_weights(path / "model.pt"), load_weights(ref_runs[name] / "model.pt")
+        assert got.keys() == want.keys()
+        for k in got:
+            assert torch.equal(got[k], want[k]), f"{name}: {k} differs from the uninterrupted run"
+
+
+def snapshot(run_dir: Path) -> dict[str, tuple[int, bytes]]:
+    return {
+        f: ((run_dir / f).stat().st_mtime_ns, (run_dir / f).read_bytes())
+        for f in ("model.pt", "metrics.json")
+    }
+
+
+SUBMITTED = re.compile(
+    r"Job (\d+) has been submitted with SLURM jobid (\d+) \(log: [^)]*/rule_train/([^/]+)/\d+\.log\)"
+)
+
+
+def train_submissions(log: str) -> tuple[dict[str, list[str]], set[str]]:
+    """From the console: run → its train jobs' SLURM ids (in order), and the runs whose train job
+    Snakemake has finished (postprocessed: outputs touched, so their mtimes are final)."""
+    sids: dict[str, list[str]] = {}
+    run_of: dict[str, str] = {}
+    for job, sid, run in SUBMITTED.findall(log):
+        sids.setdefault(run, []).append(sid)
+        run_of[job] = run
+    done = {run_of[j] for j in re.findall(r"Finished jobid: (\d+) \(Rule: train\)", log)}
+    return sids, done
+
+
+# Two runs at once on the 2 CPUs: one on 256 digits (quick) beside one on the full digits set
+# (~1437 images, 90 steps per epoch: several times slower), so the quick one is finished while the
+# slow one is still training.
+CANCEL_STUDY = {
+    "grid": {"dataset": ["quick", "digits"], "seed": [0]},
+    "datasets": {"quick": {"name": "digits", "n_train": 256}, "digits": {"name": "digits"}},
+    "training": {"epochs": 300},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+@pytest.mark.parametrize("how", ["TERM", "requeue"])
+def test_slurm_signalled_training_resumes_and_matches_uninterrupted(
+    slurm_cluster, start_snakemake, tmp_path, how
+):
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump(merged(TINY, CANCEL_STUDY), sort_keys=False))
+    ref, work = tmp_path / "reference", tmp_path / "work"
+    # The uninterrupted reference runs locally while the cluster works.
+    ref_proc = start_snakemake(ref, config, tmp_path / "reference.log", "train_all")
+    profile = one_node_profile(tmp_path / "profile")
+    before = {j["JobID"] for j in squeue_jobs()}
+    console = tmp_path / "slurm.log"
+    t0 = time.monotonic()
+    proc = start_snakemake(work, config, console, "--profile", str(profile), "train_all")
+    runs_dir, ckpt_root = work / "results" / "runs", work / "results" / "ckpt"
+    finished = interrupted = None
+    # Signal the slow run's job as soon as the quick run has written its outputs and the slow
+    # one has a checkpoint (checkpoints before metrics: a run finishing in between looks done).
+    while proc.poll() is None and time.monotonic() < t0 + 240:
+        ckpts = {p.parent.name for p in ckpt_root.glob("*/checkpoint.pt")}
+        done = {p.parent.name for p in runs_dir.glob("*/metrics.json")}
+        if done and ckpts - done:
+            finished, interrupted = sorted(done), sorted(ckpts - done)[0]
+            break
+        time.sleep(0.02)
+    assert finished, f"no run was caught past a checkpoint:\n{console.read_text()[-3000:]}"
+    content = {n: {f: b for f, (_, b) in snapshot(runs_dir / n).items()} for n in finished}
+    sid = train_submissions(console.read_text())[0][interrupted][-1]
+    signalled = time.monotonic() - t0
+    if how == "requeue":  # what preemption with PreemptMode=REQUEUE does to a batch job
+        subprocess.run(["scontrol", "requeue", sid], check=True, capture_output=True)
+        # Once the job is back in the queue SLURM holds it (BeginTime = now + 2 min): let it
+        # start at once (the requeue itself waits until the job's processes are gone).
+        for _ in range(600):
+            state = [j["State"] for j in squeue_jobs("State") if j["JobID"] == sid]
+            if state == ["PENDING"]:
+                break
+            time.sleep(0.1)
+        subprocess.run(
+            ["scontrol", "update", f"JobId={sid}", "StartTime=now"],
+            check=True,
+            capture_output=True,
+        )
+    else:  # what SLURM sends before a time limit with --signal
+        subprocess.run(["scancel", f"--signal={how}", sid], check=True, capture_output=True)
+    # Snakemake touches a job's outputs when it registers the job as finished (its status
+    # poll may come after the signal): from then on nothing may touch them.
+    kept = {}
+    while proc.poll() is None and time.monotonic() < t0 + 400:
+        done = train_submissions(console.read_text())[1]
+        for name in set(finished) & done - set(kept):
+            kept[name] = snapshot(runs_dir / name)
+        time.sleep(0.05)
+    rc = proc.wait(timeout=10)
+    log = console.read_text()
+    for name in set(finished) & train_submissions(log)[1] - set(kept):
+        kept[name] = snapshot(runs_dir / name)
+    (ARTIFACTS / "slurm-resume").mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / "slurm-resume" / f"signal-{how}.log").write_text(log)
+    assert rc == 0, log[-5000:]
+    assert ref_proc.wait(timeout=300) == 0, (tmp_path / "reference.log").read_text()[-3000:]
+    jobs = train_jobs(interrupted, before)
+    print(f"{how}: signalled at {signalled:.0f}s, done at {time.monotonic() - t0:.0f}s; {jobs}")
+
+    # The interrupted run resumed from its checkpoint instead of starting over ...
+    train_log = (runs_dir.parent / "logs" / "train" / f"{interrupted}.log").read_text()
+    assert f"resumed from results/ckpt/{interrupted} at epoch" in train_log, train_log
+    assert "epoch 1/" not in train_log, "the resumed job retrained epoch 1"
+    assert jobs and jobs[-1]["State"] == "COMPLETED", jobs
+    # ... the finished one was not retrained (same bytes, same mtimes, one SLURM job) ...
+    assert sorted(kept) == finished, "Snakemake never registered the finished run"
+    for name in finished:
+        now = snapshot(runs_dir / name)
+        assert now == kept[name], f"{name} was touched after Snakemake registered it"
+        assert {f: b for f, (_, b) in now.items()} == content[name], f"{name} was rewritten"
+        assert [j["State"] for j in train_jobs(name, before)] == ["COMPLETED"], name
+    # ... and both equal the uninterrupted run.
+    assert_same_as_reference(work, ref)
+
+
+# One run long enough (~2 min of CPU at ~35 ms per epoch) to outlast a 1-minute time limit.
+# SLURM enforces limits on its 30 s timer, so the first attempt is killed 60-90 s after it
+# starts (SIGTERM to every step, SIGKILL KillWait = 30 s later); the retry (attempt 2) gets 10
+# minutes. checkpoint_every 10 keeps the growing checkpoint (it holds the history) cheap.
+TIMELIMIT_STUDY = {
+    "grid": {"seed": [0]},
+    "training": {"epochs": 3000, "checkpoint_every": 10},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_slurm_time_limit_then_retry_resumes_and_matches_uninterrupted(
+    slurm_cluster, start_snakemake, tmp_path
+):
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump(merged(TINY, TIMELIMIT_STUDY), sort_keys=False))
+    ref, work = tmp_path / "reference", tmp_path / "work"
+    ref_proc = start_snakemake(ref, config, tmp_path / "reference.log", "train_all")
+    # The attempt-dependent runtime, as a set-resources expression (Snakemake evaluates it with
+    # `attempt` in scope): 1 minute, then 10.
+    profile = resume_profile(tmp_path / "profile", runtime="1 if attempt == 1 else 10")
+    before = {j["JobID"] for j in squeue_jobs()}
+    t0 = time.monotonic()
+    work.mkdir()
+    r = run_snakemake(
+        work, "--profile", str(profile), "train_all", configfile=config, check=False, timeout=600
+    )
+    elapsed = time.monotonic() - t0
+    (ARTIFACTS / "slurm-resume").mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / "slurm-resume" / "time-limit.log").write_text(r.stdout)
+    assert r.returncode == 0, r.stdout[-5000:]
+    assert ref_proc.wait(timeout=300) == 0, (tmp_path / "reference.log").read_text()[-3000:]
+    (run,) = run_dirs(work)
+    jobs = train_jobs(run, before)
+    print(f"time limit: done in {elapsed:.0f}s; {jobs}")
+
+    # Attempt 1 hit its 1-minute limit, attempt 2 ran with 10 minutes and completed.
+    assert [j["State"] for j in jobs] == ["TIMEOUT", "COMPLETED"], jobs
+    assert [j["TimeLimit"] for j in jobs] == ["1:00", "10:00"], jobs
+    assert "SLURM status is: 'TIMEOUT'" in r.stdout, r.stdout[-5000:]
+    # The retry resumed from the checkpoint the first attempt left.
+    train_log = (work / "results" / "logs" / "train" / f"{run}.log").read_text()
+    assert f"resumed from results/ckpt/{run} at epoch" in train_log, train_log
+    assert "epoch 1/" not in train_log, "the retry retrained epoch 1"
+    assert_same_as_reference(work, ref)
