@@ -258,7 +258,23 @@ def test_branching_containers_are_refused():
 # Only positively homogeneous maps may sit between rescaled layers (an allowlist)
 
 REFUSED = [nn.Tanh, nn.GELU, nn.Sigmoid, nn.Softplus, nn.ELU, nn.SELU, nn.SiLU, nn.Mish,
-           nn.ReLU6, nn.Hardtanh, nn.Hardswish, nn.LogSigmoid, nn.Softsign, nn.CELU]  # fmt: skip
+           nn.ReLU6, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.LogSigmoid, nn.Softsign,
+           nn.CELU, nn.Tanhshrink, nn.Softshrink, nn.Hardshrink]  # fmt: skip
+HOMOGENEITY = r"not positively homogeneous"
+
+
+def _all_rescalings(net: nn.Module):
+    """Layer-wise (∏ = 1, every partial product ≠ 1), neuron-wise and Dinh α = 100 at every
+    hidden weight layer: (id, rescaled copy) pairs, computed lazily."""
+    layers = weight_layers(net)
+    n = len(layers)
+    factors = [3.0] * (n - 1) + [3.0 ** -(n - 1)]
+    yield "layerwise", lambda: layerwise_rescale(net, factors)
+    for i in range(n - 1):
+        units = layers[i].weight.shape[0]
+        lam = torch.linspace(0.5, 3.0, units, dtype=torch.float64)
+        yield f"neuron{i}", lambda i=i, lam=lam: neuronwise_rescale(net, i, lam)
+        yield f"dinh{i}", lambda i=i: dinh_alpha_rescale(net, 100.0, layer=i)
 
 
 def test_rescaling_across_tanh_would_change_the_function():
@@ -273,25 +289,37 @@ def test_rescaling_across_tanh_would_change_the_function():
             manual[0].weight.mul_(4.0), manual[0].bias.mul_(4.0), manual[2].weight.div_(4.0)
             change = float((manual(x) - net(x)).abs().max())
         assert (change > 0.05) if moves else (change < 1e-12), (act, change)
-    with pytest.raises(ValueError, match="Tanh"):
+    with pytest.raises(ValueError, match=rf"'1' \(Tanh\).*{HOMOGENEITY}"):
         layerwise_rescale(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)), [4, 0.25])
 
 
-def _mlp_with(act: nn.Module) -> nn.Sequential:
+def _mlp_with(act: nn.Module, where: int = 1) -> nn.Sequential:
+    """Linear(3,4) · ? · Linear(4,4) · ? · Linear(4,2), float64; ``act`` at index 1 or 3, ReLU at
+    the other."""
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(3, 4), act, nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)).double()
+    mods = [nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)]
+    mods[where] = act
+    return nn.Sequential(*mods).double()
 
 
 @pytest.mark.parametrize("act", REFUSED, ids=lambda a: a.__name__)
-def test_non_homogeneous_activations_are_refused_by_name(act):
-    net = _mlp_with(act())
-    for rescale in (
-        lambda m: layerwise_rescale(m, [4.0, 0.25, 1.0]),
-        lambda m: neuronwise_rescale(m, 0, torch.linspace(0.5, 2.0, 4)),
-        lambda m: dinh_alpha_rescale(m, 100.0, layer=0),
-    ):
-        with pytest.raises(ValueError, match=rf"'1' \({act.__name__}\).*not positively homogeneous"):
-            rescale(net)
+@pytest.mark.parametrize("where", [1, 3], ids=["after-first-layer", "after-second-layer"])
+def test_non_homogeneous_activations_are_refused_by_name(act, where):
+    net = _mlp_with(act(), where)
+    rescalings = list(_all_rescalings(net))
+    assert len(rescalings) == 5  # layer-wise, neuron-wise and Dinh at layers 0 and 1
+    for rid, rescale in rescalings:
+        with pytest.raises(ValueError, match=rf"'{where}' \({act.__name__}\).*{HOMOGENEITY}"):
+            rescale()
+            pytest.fail(f"{rid} accepted {act.__name__}")
+
+
+def test_refused_module_is_named_by_its_qualified_name():
+    net = nn.Sequential(
+        nn.Sequential(nn.Linear(3, 4), nn.GELU()), nn.Linear(4, 2)
+    ).double()  # fmt: skip
+    with pytest.raises(ValueError, match=rf"'0\.1' \(GELU\).*{HOMOGENEITY}"):
+        dinh_alpha_rescale(net, 100.0, layer=0)
 
 
 class _Gate(nn.Module):
@@ -301,41 +329,64 @@ class _Gate(nn.Module):
 
 def test_an_unknown_module_between_layers_is_refused():
     net = _mlp_with(_Gate())
-    with pytest.raises(ValueError, match="_Gate"):
-        layerwise_rescale(net, [4.0, 0.25, 1.0])
+    for _, rescale in _all_rescalings(net):
+        with pytest.raises(ValueError, match=rf"'1' \(_Gate\).*{HOMOGENEITY}"):
+            rescale()
 
 
-def _conv_net(pool: nn.Module) -> nn.Sequential:
+def test_maps_outside_the_chain_are_not_checked():
+    """Before the first and after the last weight layer nothing is rescaled: a Tanh there (or a
+    softmax head) is fine."""
+    torch.manual_seed(2)
+    net = nn.Sequential(
+        nn.Tanh(), nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2), nn.Sigmoid(), nn.Softmax(dim=1)
+    ).double()
+    x = torch.randn(7, 3, dtype=torch.float64)
+    for _, rescale in _all_rescalings(net):
+        assert max_diff(net, rescale(), x) <= T1_TOL
+
+
+def _conv_with(mid: nn.Module) -> nn.Sequential:
+    """conv-relu-``mid``-conv-relu-flatten-linear-relu-linear on 1×8×8 inputs, float64, eval."""
     torch.manual_seed(1)
+    head = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), mid, nn.Conv2d(3, 4, 3))
+    with torch.no_grad():
+        flat = head.eval()(torch.zeros(1, 1, 8, 8)).numel()
     return nn.Sequential(
-        nn.Conv2d(1, 3, 3), nn.ReLU(), pool, nn.Flatten(), nn.Dropout(0.3),
-        nn.Linear(48, 5), nn.Identity(), nn.Linear(5, 3), nn.Softmax(dim=1),
+        *head, nn.ReLU(), nn.Flatten(), nn.Linear(flat, 5), nn.ReLU(), nn.Linear(5, 3)
     ).double().eval()  # fmt: skip
 
 
-ALLOWED = {
-    "relu": lambda: _mlp_with(nn.ReLU()),
-    "leaky_relu": lambda: _mlp_with(nn.LeakyReLU(0.1)),
-    "prelu": lambda: _mlp_with(nn.PReLU(4, init=0.3)),
-    "maxpool+flatten+dropout+identity": lambda: _conv_net(nn.MaxPool2d(2, padding=1)),
-    "avgpool": lambda: _conv_net(nn.AvgPool2d(2, padding=1)),
-}
+ALLOWED = [
+    pytest.param(lambda: _mlp_with(nn.ReLU()), id="ReLU"),
+    pytest.param(lambda: _mlp_with(nn.LeakyReLU(0.1)), id="LeakyReLU(0.1)"),
+    pytest.param(lambda: _mlp_with(nn.LeakyReLU(-0.5), where=3), id="LeakyReLU(-0.5)"),
+    pytest.param(lambda: _mlp_with(nn.PReLU(4, init=0.3)), id="PReLU(per-unit)"),
+    pytest.param(lambda: _mlp_with(nn.PReLU(init=-0.7)), id="PReLU(shared,negative)"),
+    pytest.param(lambda: _mlp_with(nn.Identity()), id="Identity"),
+    pytest.param(lambda: _mlp_with(nn.Dropout(0.5), where=3).eval(), id="Dropout(eval)"),
+    pytest.param(lambda: _conv_with(nn.MaxPool2d(2, padding=1)), id="MaxPool2d"),
+    pytest.param(lambda: _conv_with(nn.AdaptiveMaxPool2d(5)), id="AdaptiveMaxPool2d"),
+    pytest.param(lambda: _conv_with(nn.AvgPool2d(2, padding=1)), id="AvgPool2d"),
+    pytest.param(lambda: _conv_with(nn.AdaptiveAvgPool2d(5)), id="AdaptiveAvgPool2d"),
+    pytest.param(lambda: _conv_with(nn.Dropout2d(0.5)), id="Dropout2d(eval)"),
+    pytest.param(lambda: _conv_with(nn.Identity()), id="Flatten(conv-to-linear)"),
+    pytest.param(
+        lambda: _conv_with(nn.Sequential(nn.Flatten(), nn.Unflatten(1, (3, 8, 8)))),
+        id="Flatten+Unflatten(nested)",
+    ),
+]
 
 
-@pytest.mark.parametrize("name", sorted(ALLOWED))
-def test_homogeneous_maps_keep_the_function(name):
-    net = ALLOWED[name]().double().eval()
-    x = torch.randn(7, 3, dtype=torch.float64) if "relu" in name else torch.randn(
-        7, 1, 8, 8, dtype=torch.float64
-    )
-    n = len(weight_layers(net))
-    factors = [4.0, 0.25] + [1.0] * (n - 2)
-    units = weight_layers(net)[0].weight.shape[0]
-    with torch.no_grad():
-        ref = net(x)
-        for copy_ in (
-            layerwise_rescale(net, factors),
-            neuronwise_rescale(net, 0, torch.linspace(0.5, 2.0, units, dtype=torch.float64)),
-            dinh_alpha_rescale(net, 100.0, layer=0),
-        ):
-            assert (copy_(x) - ref).abs().max() <= 1e-12
+@pytest.mark.parametrize("factory", ALLOWED)
+def test_homogeneous_maps_keep_the_function(factory):
+    net = factory()
+    conv = isinstance(weight_layers(net)[0], nn.Conv2d)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(7, *((1, 8, 8) if conv else (3,)), generator=g, dtype=torch.float64)
+    before = [p.detach().clone() for p in net.parameters()]
+    for rid, rescale in _all_rescalings(net):
+        new = rescale()
+        assert max_diff(net, new, x) <= T1_TOL, rid
+        changed = any(not torch.equal(a, b) for a, b in zip(before, new.parameters(), strict=True))
+        assert changed, rid  # not a no-op

@@ -30,7 +30,10 @@ _NORMS = (
 
 
 #: Modules that commute with a positive per-unit scale (σ(az) = aσ(z), a > 0), so they may sit
-#: between rescaled weight layers. PReLU: max(0, z) + a·min(0, z) is homogeneous for any slope a.
+#: between rescaled weight layers. Leaky ReLU and PReLU, max(0, z) + s·min(0, z), are homogeneous
+#: for any slope s (negative, learned, per channel: the scale is positive, so signs are kept);
+#: pooling over space and flatten/unflatten act per unit or linearly; dropout multiplies by a mask
+#: (1/(1-p) or 0) that does not depend on the input's scale. Everything else is refused.
 HOMOGENEOUS = (
     nn.ReLU,
     nn.LeakyReLU,
