@@ -390,3 +390,49 @@ def test_homogeneous_maps_keep_the_function(factory):
         assert max_diff(net, new, x) <= T1_TOL, rid
         changed = any(not torch.equal(a, b) for a, b in zip(before, new.parameters(), strict=True))
         assert changed, rid  # not a no-op
+
+
+# The allowlist is about what a module computes, not what it inherits from, and a module reused
+# elsewhere in the chain runs at every place it sits.
+
+
+class _TanhNamedReLU(nn.ReLU):
+    """Passes isinstance(m, nn.ReLU), but its own forward is tanh."""
+
+    def forward(self, z):
+        return torch.tanh(z)
+
+
+def _reused_tanh_net() -> nn.Sequential:
+    """One Tanh instance both before the first layer (harmless) and between the layers."""
+    torch.manual_seed(0)
+    t = nn.Tanh()
+    return nn.Sequential(t, nn.Linear(3, 4), t, nn.Linear(4, 2)).double()
+
+
+def _overriding_subclass_net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), _TanhNamedReLU(), nn.Linear(4, 2)).double()
+
+
+@pytest.mark.parametrize(
+    "factory,match",
+    [
+        (_overriding_subclass_net, r"'1' \(_TanhNamedReLU\).*own forward"),
+        (_reused_tanh_net, rf"'2' \(Tanh\).*{HOMOGENEITY}"),
+    ],
+    ids=["allowlisted-subclass-own-forward", "reused-instance-between-layers"],
+)
+def test_allowlist_loopholes_are_refused(factory, match):
+    net = factory()
+    # The hazard is real: ×4 / ÷4 across the module moves the outputs.
+    x = 3 * torch.randn(64, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    manual = copy.deepcopy(net)
+    with torch.no_grad():
+        m_first, m_last = weight_layers(manual)
+        m_first.weight.mul_(4.0), m_first.bias.mul_(4.0), m_last.weight.div_(4.0)
+    assert max_diff(net, manual, x) > 0.05
+    for rid, rescale in _all_rescalings(net):
+        with pytest.raises(ValueError, match=match):
+            rescale()
+            pytest.fail(f"{rid} accepted the model")

@@ -6,10 +6,10 @@ joined by positively homogeneous maps, σ(az) = aσ(z) for a > 0: an allowlist
 (:data:`HOMOGENEOUS`: ReLU, leaky ReLU and PReLU, max- and average-pooling, flatten, identity,
 dropout, which is linear given its mask). Anything else between the first and the last weight
 layer (Tanh, GELU, Sigmoid, Softplus, ELU, ReLU6, Hardtanh, an unknown module) is refused with
-its name, since rescaling across it would silently change the function; what follows the last
-weight layer (a softmax) is untouched by every map here. No normalisation layer (fold BatchNorm
-first with :func:`fold_batchnorm`). Each function returns a new model and leaves its argument
-untouched.
+its name (so is a subclass of an allowed type with its own ``forward``), since rescaling across
+it would silently change the function; what follows the last weight layer (a softmax) is
+untouched by every map here. No normalisation layer (fold BatchNorm first with
+:func:`fold_batchnorm`). Each function returns a new model and leaves its argument untouched.
 """
 
 from __future__ import annotations
@@ -92,14 +92,26 @@ def _chain_layers(model: nn.Module) -> list[nn.Module]:
         raise ValueError(f"a rescaling needs at least 2 weight layers, the model has {len(layers)}")
     # In a Sequential chain, modules() order is execution order: check what lies between the
     # first and the last weight layer (before and after them, any map is left unchanged).
-    leaves = [(n, m) for n, m in model.named_modules() if next(m.children(), None) is None]
+    # remove_duplicate=False: a module instance reused in the chain runs at every place it sits.
+    leaves = [
+        (n, m)
+        for n, m in model.named_modules(remove_duplicate=False)
+        if next(m.children(), None) is None
+    ]
     ids = [i for i, (_, m) in enumerate(leaves) if isinstance(m, WeightLayer)]
     for name, m in leaves[ids[0] + 1 : ids[-1]]:
-        if not isinstance(m, (*WeightLayer, *HOMOGENEOUS)):
+        base = next((b for b in (*WeightLayer, *HOMOGENEOUS) if isinstance(m, b)), None)
+        if base is None:
             raise ValueError(
                 f"module {name!r} ({type(m).__name__}) sits between rescaled weight layers but is "
                 "not positively homogeneous (σ(az) ≠ aσ(z)); rescaling across it would change the "
                 "function (allowed: ReLU, LeakyReLU, PReLU, pooling, flatten, identity, dropout)"
+            )
+        if type(m).forward is not base.forward:  # the allowlist vouches for base's forward only
+            raise ValueError(
+                f"module {name!r} ({type(m).__name__}) sits between rescaled weight layers and "
+                f"subclasses {base.__name__} with its own forward, which need not be positively "
+                "homogeneous (σ(az) = aσ(z)); rescaling across it could change the function"
             )
     return layers
 
