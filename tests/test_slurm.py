@@ -214,7 +214,6 @@ def test_tiny_study_runs_through_slurm(slurm_cluster, tmp_path):
     profile = one_node_profile(tmp_path / "profile")
     # The job steps start `python -m snakemake` on the node: workflow_env puts the venv on PATH,
     # and sbatch --export=ALL carries it into the job.
-    work.mkdir()
     r = run_snakemake(
         work, "--profile", str(profile), env=workflow_env(), check=False, timeout=1500
     )
