@@ -8,6 +8,7 @@ import torch
 
 from flatness.config import DataConfig
 from flatness.data import load_dataset
+from flatness.gpu_slots import claim_gpu
 from flatness.models import load_model
 from flatness.suite import interpolation_table
 from flatness.train import resolve_device
@@ -15,6 +16,7 @@ from flatness.train import resolve_device
 sm = snakemake  # noqa: F821
 sys.stderr = sys.stdout = open(sm.log[0], "w")
 torch.set_num_threads(sm.threads)
+claim_gpu(sm.params.device)  # own GPU on a multi-GPU workstation, before CUDA starts
 cfg, device = sm.params.interpolation, resolve_device(sm.params.device)
 
 splits = load_dataset(DataConfig(**sm.params.data), device=device)

@@ -9,6 +9,7 @@ import torch
 
 from flatness.config import DataConfig
 from flatness.data import load_dataset
+from flatness.gpu_slots import claim_gpu
 from flatness.models import load_model
 from flatness.suite import MEASURE_COLUMNS, measure_run
 
@@ -16,6 +17,7 @@ sm = snakemake  # noqa: F821
 sys.stderr = sys.stdout = open(sm.log[0], "w")
 logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(message)s")
 torch.set_num_threads(sm.threads)
+claim_gpu(sm.params.measure.get("device", "auto"))  # before measure_run resolves the device
 
 run_id = sm.params.run_id
 metrics = json.loads(open(sm.input.metrics).read())

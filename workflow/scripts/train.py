@@ -5,12 +5,14 @@ import sys
 from pathlib import Path
 
 from flatness.config import RunConfig
+from flatness.gpu_slots import claim_gpu
 from flatness.train import train_run
 
 sys.stderr = sys.stdout = open(snakemake.log[0], "w")  # noqa: F821
 logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(message)s")
 
 cfg = RunConfig.from_dict(snakemake.params.config)  # noqa: F821
+claim_gpu(cfg.device)  # own GPU on a multi-GPU workstation, before train_run touches CUDA
 out_dir = Path(snakemake.output.model).parent  # noqa: F821
 # An edited config reruns this job (params trigger); its old checkpoint is then stale: restart.
 metrics = train_run(
