@@ -22,6 +22,8 @@ rule aggregate:
         history="results/tables/history.csv",
     log:
         "results/logs/aggregate.log",
+    benchmark:
+        "results/benchmarks/aggregate/aggregate.tsv"
     conda:
         "../../envs/flatness.yaml"
     params:
@@ -75,6 +77,8 @@ rule analyze:
         ),
     log:
         "results/logs/analyze.log",
+    benchmark:
+        "results/benchmarks/analyze/analyze.tsv"
     conda:
         "../../envs/flatness.yaml"
     params:
@@ -91,6 +95,10 @@ rule interpolate:
         "results/interpolation/{pair}.csv",
     log:
         "results/logs/interpolate/{pair}.log",
+    benchmark:
+        "results/benchmarks/interpolate/{pair}.tsv"
+    group:
+        pair_group
     conda:
         "../../envs/flatness.yaml"
     threads: 1
@@ -121,6 +129,8 @@ rule collect_interpolation:
         ),
     log:
         "results/logs/collect_interpolation.log",
+    benchmark:
+        "results/benchmarks/collect_interpolation/collect_interpolation.tsv"
     conda:
         "../../envs/flatness.yaml"
     script:

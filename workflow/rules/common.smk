@@ -1,10 +1,10 @@
 # Validation, the run table and small input/param helpers shared by every stage.
 import os
-import re
 
 from flatness.suite import (
     batch_pairs,
     expand_grid,
+    id_regex,
     measure_specs,
     variants_from_config,
 )
@@ -34,19 +34,69 @@ MEASURE_LABELS = [s.label for s in MEASURE_SPECS]
 VARIANT_NAMES = [v.name for v in variants_from_config(config["measure"])]
 
 
+# {run} and {pair} match exactly the study's ids, so no rule claims another path. id_regex factors
+# the ids like the grid (≈ 150 characters for 1,000 runs): Snakemake embeds the constraint in every
+# file pattern and rescans it on each wildcard substitution, and an alternation of every id
+# (≈ 40 kB) made DAG building cost ≈ 7 ms a job. Lookups below re-check membership all the same.
 wildcard_constraints:
-    run="|".join(re.escape(r) for r in RUN_IDS),
-    pair="|".join(re.escape(p) for p in PAIR_BY_ID) or "(?!x)x",
+    run=id_regex(RUN_IDS),
+    pair=id_regex(sorted(PAIR_BY_ID)),
+
+
+# SLURM job grouping. A profile that sets `group-components: {runs: N, pairs: M}` (profiles/slurm)
+# packs N runs (each run's train and measure jobs) into one sbatch job, and M interpolation pairs
+# into another, once the study has more runs (pairs) than that: a 1,000-run grid is then ≈ 60
+# submissions instead of 2,200. Smaller studies, and local runs (Snakemake ignores groups there),
+# keep one job per rule. The profile's `resources: {gpu: 1}` with `set-resource-scopes: {gpu: local}`
+# makes each group hold one GPU and run its GPU jobs one after another (a group sums the
+# resources of jobs it runs side by side, WORKFLOW_NOTES §8.2).
+# Functions, not values: the group settings reach the workflow after this file is read.
+def group_if_larger(name, n_items):
+    """`name` when the profile's group size for it is > 1 and below `n_items`, else None."""
+    settings = getattr(workflow, "group_settings", None)
+    size = settings.group_components.get(name, 1) if settings is not None else 1
+    return name if 1 < size < n_items else None
+
+
+def run_group(wildcards):
+    """The `group:` of a run's train and measure jobs."""
+    return group_if_larger("runs", len(RUNS))
+
+
+def pair_group(wildcards):
+    """The `group:` of an interpolation job."""
+    return group_if_larger("pairs", len(PAIRS))
+
+
+def study_run(run_id):
+    """The grid's Run of `run_id`; a WorkflowError (not a KeyError) for an id outside the study."""
+    try:
+        return RUN_BY_ID[run_id]
+    except KeyError:
+        raise WorkflowError(
+            f"{run_id!r} is not a run of this study ({len(RUN_BY_ID)} runs, "
+            f"e.g. {RUN_IDS[0]!r})"
+        ) from None
+
+
+def study_pair(pair_id):
+    """The Pair of `pair_id`; a WorkflowError for an id outside the study."""
+    try:
+        return PAIR_BY_ID[pair_id]
+    except KeyError:
+        raise WorkflowError(
+            f"{pair_id!r} is not an interpolation pair of this study"
+        ) from None
 
 
 def run_config(wildcards):
     """The resolved flatness.config.RunConfig dict of one run (its single source: the grid)."""
-    return RUN_BY_ID[wildcards.run].config
+    return study_run(wildcards.run).config
 
 
 def run_axes(wildcards):
     """The grid point of one run (axis → value), recorded in its metrics.json."""
-    return RUN_BY_ID[wildcards.run].axes
+    return study_run(wildcards.run).axes
 
 
 def run_table():
@@ -60,7 +110,7 @@ def uses_gpu(device):
 
 
 def pair_models(wildcards):
-    pair = PAIR_BY_ID[wildcards.pair]
+    pair = study_pair(wildcards.pair)
     return {
         "small": f"results/runs/{pair.small}/model.pt",
         "large": f"results/runs/{pair.large}/model.pt",
@@ -70,7 +120,7 @@ def pair_models(wildcards):
 def pair_data(wildcards):
     """Data config of a pair (both runs share it), without augmentation."""
     return dict(
-        RUN_BY_ID[PAIR_BY_ID[wildcards.pair].small].config["data"], augment=False
+        study_run(study_pair(wildcards.pair).small).config["data"], augment=False
     )
 
 
@@ -107,6 +157,7 @@ def report_inputs():
         "batch_comparison",
     ]
     tables += ["invariance", "summary"] + (["interpolation"] if PAIRS else [])
+    tables.append("costs")  # every job's benchmark → time per rule (rule costs)
     return (
         figures
         + [f"results/tables/{t}.csv" for t in tables]
@@ -116,3 +167,51 @@ def report_inputs():
             FRONT_PAGE,
         ]
     )
+
+
+# Job costs: every job's benchmark (results/benchmarks/<rule>/<job>.tsv) → one row per rule, with
+# the share of job start-up measured by replaying each job's imports (workflow/report/costs.rst).
+# Only jobs upstream of this table: `report` (and `costs` itself) would depend on it.
+COST_RULES = [
+    "train",
+    "measure",
+    "aggregate",
+    "analyze",
+    "fig_measures_by_batch",
+    "fig_invariance",
+    "fig_measure_vs_gap",
+    "fig_training_curves",
+    "front_page",
+] + (["interpolate", "collect_interpolation", "fig_interpolation"] if PAIRS else [])
+
+
+def benchmark_files(wildcards):
+    """rule → the benchmark files of all its jobs (named inputs of rule costs)."""
+    files = {}
+    for name in COST_RULES:
+        pattern = getattr(rules, name).benchmark
+        if "{run}" in pattern:
+            files[name] = expand(pattern, run=RUN_IDS)
+        elif "{pair}" in pattern:
+            files[name] = expand(pattern, pair=sorted(PAIR_BY_ID))
+        else:
+            files[name] = [pattern]
+    return files
+
+
+def job_sources(wildcards):
+    """Each cost rule's script, notebook (figure rules) and threads (what the start-up probe replays)."""
+    sources = {}
+    for name in COST_RULES:
+        job_rule = workflow.get_rule(name)
+        threads = job_rule.resources.get("_cores") or 1
+        sources[name] = {
+            "script": source_file(
+                "workflow", "scripts", os.path.basename(job_rule.script)
+            ),
+            "notebook": (
+                notebook(name.removeprefix("fig_")) if name.startswith("fig_") else None
+            ),
+            "threads": threads if isinstance(threads, int) else 1,
+        }
+    return sources

@@ -9,6 +9,10 @@ rule measure:
         "results/runs/{run}/measures.json",
     log:
         "results/logs/measure/{run}.log",
+    benchmark:
+        "results/benchmarks/measure/{run}.tsv"
+    group:
+        run_group
     conda:
         "../../envs/flatness.yaml"
     threads: 1

@@ -19,6 +19,8 @@ rule fig_measures_by_batch:
     log:
         notebook="results/logs/notebooks/measures_by_batch.ipynb",
         stderr="results/logs/notebooks/measures_by_batch.log",
+    benchmark:
+        "results/benchmarks/fig_measures_by_batch/fig_measures_by_batch.tsv"
     conda:
         "../../envs/flatness.yaml"
     script:
@@ -39,6 +41,8 @@ rule fig_invariance:
     log:
         notebook="results/logs/notebooks/invariance.ipynb",
         stderr="results/logs/notebooks/invariance.log",
+    benchmark:
+        "results/benchmarks/fig_invariance/fig_invariance.tsv"
     conda:
         "../../envs/flatness.yaml"
     script:
@@ -61,6 +65,8 @@ rule fig_measure_vs_gap:
     log:
         notebook="results/logs/notebooks/measure_vs_gap.ipynb",
         stderr="results/logs/notebooks/measure_vs_gap.log",
+    benchmark:
+        "results/benchmarks/fig_measure_vs_gap/fig_measure_vs_gap.tsv"
     conda:
         "../../envs/flatness.yaml"
     script:
@@ -81,6 +87,8 @@ rule fig_training_curves:
     log:
         notebook="results/logs/notebooks/training_curves.ipynb",
         stderr="results/logs/notebooks/training_curves.log",
+    benchmark:
+        "results/benchmarks/fig_training_curves/fig_training_curves.tsv"
     conda:
         "../../envs/flatness.yaml"
     script:
@@ -101,6 +109,8 @@ rule fig_interpolation:
     log:
         notebook="results/logs/notebooks/interpolation.ipynb",
         stderr="results/logs/notebooks/interpolation.log",
+    benchmark:
+        "results/benchmarks/fig_interpolation/fig_interpolation.tsv"
     conda:
         "../../envs/flatness.yaml"
     script:
@@ -119,10 +129,50 @@ rule front_page:
         FRONT_PAGE,
     log:
         "results/logs/front_page.log",
+    benchmark:
+        "results/benchmarks/front_page/front_page.tsv"
     conda:
         "../../envs/flatness.yaml"
     script:
         "../scripts/front_page.py"
+
+
+# Job costs (COST_RULES, benchmark_files and job_sources live in common.smk).
+
+
+rule startup_probe:
+    output:
+        "results/tables/startup.csv",
+    log:
+        "results/logs/startup_probe.log",
+    conda:
+        "../../envs/flatness.yaml"
+    params:
+        jobs=job_sources,
+        repeats=1,
+    script:
+        "../scripts/startup_probe.py"
+
+
+rule costs:
+    input:
+        unpack(benchmark_files),
+        startup="results/tables/startup.csv",
+    output:
+        report(
+            "results/tables/costs.csv",
+            caption="../report/costs.rst",
+            category="Tables",
+            labels={"table": "job costs (time, CPU, memory, start-up)"},
+        ),
+    log:
+        "results/logs/costs.log",
+    conda:
+        "../../envs/flatness.yaml"
+    params:
+        jobs=job_sources,
+    script:
+        "../scripts/costs.py"
 
 
 rule report:

@@ -10,7 +10,11 @@ rule train:
         metrics="results/runs/{run}/metrics.json",
     log:
         "results/logs/train/{run}.log",
+    benchmark:
+        "results/benchmarks/train/{run}.tsv"
     retries: 1
+    group:
+        run_group
     conda:
         "../../envs/flatness.yaml"
     threads: 1

@@ -4,8 +4,16 @@
 - :mod:`~flatness.analysis.tables`: runs.csv, history.csv, mean ± std over seeds.
 - :mod:`~flatness.analysis.stats`: Kendall τ, granulated Ψ, batch-size effects, invariance, bootstrap.
 - :mod:`~flatness.analysis.findings`: sentences and the report's front page.
+- :mod:`~flatness.analysis.costs`: benchmark records → where the study's time goes, per rule.
 """
 
+from flatness.analysis.costs import (
+    COST_COLUMNS,
+    PREAMBLE_IMPORTS,
+    cost_table,
+    notebook_imports,
+    script_imports,
+)
 from flatness.analysis.findings import (
     findings,
     findings_markdown,
@@ -46,15 +54,18 @@ from flatness.analysis.tables import (
 
 __all__ = [
     "BATCH_OUTCOMES",
+    "COST_COLUMNS",
     "GAPS",
     "HYPERPARAMETER_AXES",
     "OUTCOMES",
+    "PREAMBLE_IMPORTS",
     "StudyIntegrityError",
     "batch_comparison",
     "bootstrap_ci",
     "check_study",
     "cliffs_delta",
     "cliffs_delta_batch",
+    "cost_table",
     "findings",
     "findings_markdown",
     "front_page_rst",
@@ -67,10 +78,12 @@ __all__ = [
     "kendall_table",
     "markdown_tables",
     "mean_difference",
+    "notebook_imports",
     "read_measures",
     "read_metrics",
     "run_problems",
     "runs_table",
+    "script_imports",
     "seed_summary",
     "sharpness_sign",
     "varying_axes",
