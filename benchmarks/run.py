@@ -26,6 +26,7 @@ TOPICS = {
     "trainer": "benchmarks.bench_trainer",
     "keskar": "benchmarks.bench_keskar",
     "measure_cost": "benchmarks.bench_keskar:run_cost",
+    "dag": "benchmarks.bench_dag",  # `snakemake -n` on the 1,000-run grid vs bare Snakemake
     # last: its probes run in fresh processes, which need the trained models cached above
     "memory": "benchmarks.bench_memory",
 }

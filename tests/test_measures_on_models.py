@@ -29,6 +29,8 @@ CHEAP = {
     "pacbayes_sigma": {"depth": 3, "num_samples": 2},
     "pacbayes_magnitude_sigma": {"depth": 3, "num_samples": 2},
 }
+#: Architectures a measure refuses by design, with ``ValueError`` naming why.
+REFUSED = {("resnet18", "path_norm"): "BatchNorm"}
 #: ResNet-18 (11M parameters): scipy's L-BFGS-B loops over the n bounds in Python (≈ 1 min per
 #: call here), so Keskar runs in a 2-D random subspace; everything else as above.
 RESNET_EXTRA = {"keskar_sharpness": {"subspace_dim": 2}}
@@ -69,6 +71,14 @@ def test_measure_runs(model_name, measure, built):
         **CHEAP.get(measure, {}),
         **(RESNET_EXTRA.get(measure, {}) if model_name == "resnet18" else {}),
     }
+    if measure == "distance_from_init":  # θ₀: the same architecture from another draw
+        with torch.random.fork_rng():
+            torch.manual_seed(1)
+            opts["init_model"] = build_model(MODELS[model_name][0])
+    if (model_name, measure) in REFUSED:
+        with pytest.raises(ValueError, match=REFUSED[model_name, measure]):
+            MEASURES[measure](model, data, **opts)
+        return
     value = MEASURES[measure](model, data, **opts)
     assert isinstance(value, float) and math.isfinite(value), value
     assert model.training

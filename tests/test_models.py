@@ -118,7 +118,21 @@ def test_resnet18_bottleneck_head_is_the_fam_authors_head(tmp_path):
     assert isinstance(plain.fc, nn.Linear) and plain.fc.in_features == 512
 
 
-def test_head_widths_only_for_resnet18():
+def test_head_widths_only_for_resnet18_and_mlp():
     with pytest.raises(ValueError, match="head_widths"):
-        build_model({"name": "mlp", "widths": [8], "head_widths": [4], "in_shape": [1, 8, 8],
+        build_model({"name": "lenet5", "head_widths": [4], "in_shape": [1, 28, 28],
                      "num_classes": 10})  # fmt: skip
+
+
+def test_mlp_bottleneck_head_is_linear_and_rescalable():
+    from flatness import reparam
+
+    torch.manual_seed(0)
+    net = build_model({"name": "mlp", "widths": [8], "head_widths": [4], "in_shape": [1, 4, 4],
+                       "num_classes": 3}).double()  # fmt: skip
+    linears = [m for m in net if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(16, 8), (8, 4), (4, 3)]
+    assert not isinstance(net[-2], nn.ReLU)  # no activation inside the bottleneck
+    x = torch.randn(5, 1, 4, 4, dtype=torch.float64)
+    copy = reparam.dinh_alpha_rescale(net, 7.0, layer=-2)
+    torch.testing.assert_close(copy(x), net(x), rtol=1e-12, atol=1e-12)

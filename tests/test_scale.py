@@ -4,7 +4,9 @@
     however the grid is cut by grid.exclude, and stay short (an alternation of every id made
     DAG building cost ≈ 7 ms a job).
 (b) `snakemake -n` on the 1,000-run grid: the DAG build time per job is measured and printed
-    (recorded, not asserted: timings are not test criteria in this project).
+    (recorded, not asserted: timings are not test criteria in this project; `python -m
+    benchmarks.run --only dag` sets it beside bare Snakemake on the same DAG shape). Parsing the
+    workflow imports no torch (≈ 2 s of every `snakemake` call).
 (c) `snakemake --profile profiles/slurm -n` on it: runs are grouped into at most 100 sbatch
     submissions, and each group asks SLURM for one GPU (its GPU jobs run one after another).
 """
@@ -85,6 +87,31 @@ def test_id_regex_on_ragged_ids():
 # --------------------------------------------------------------------------------------------
 # (b) DAG build time
 
+# What common.smk computes while Snakemake parses the Snakefile, in a fresh interpreter.
+PARSE_PATH = """
+import sys, yaml
+from snakemake.utils import validate
+from flatness.paper_specs import missing_measures
+from flatness.suite import batch_pairs, expand_grid, id_regex, measure_specs, variants_from_config
+
+cfg = yaml.safe_load(open(sys.argv[1]))
+validate(cfg, sys.argv[2])
+runs = expand_grid(cfg)
+specs = measure_specs(cfg["measure"]["measures"])
+pairs = batch_pairs(runs, cfg["interpolation"]["pair_across"])
+id_regex([r.run_id for r in runs]), id_regex([p.pair_id for p in pairs])
+variants_from_config(cfg["measure"]), missing_measures(cfg["paper"]["study"], [s.label for s in specs])
+assert "torch" not in sys.modules, "the workflow's parse path imports torch"
+"""
+
+
+def test_the_grid_and_config_checks_import_no_torch():
+    import subprocess
+
+    cmd = [sys.executable, "-c", PARSE_PATH, str(SCALE), str(SCHEMA)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=workflow_env(), timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+
 
 def dry_run(workdir: Path, *args: str, env=None, runner: list[str] | None = None):
     """`snakemake -n` on the scale study; (stdout, wall seconds, CPU seconds) of the subprocess."""
@@ -106,10 +133,13 @@ def dry_run(workdir: Path, *args: str, env=None, runner: list[str] | None = None
 
 @pytest.mark.slow
 def test_dag_build_time_per_job_is_recorded(tmp_path):
-    out, wall, cpu = dry_run(tmp_path, "--cores", "1")
+    # -X importtime: the whole parse (every .smk file) must not import torch.
+    runner = [sys.executable, "-X", "importtime", "-m", "snakemake"]
+    out, wall, cpu = dry_run(tmp_path, "--cores", "1", runner=runner)
     jobs = int(re.search(r"^total\s+(\d+)$", out, re.M).group(1))
     # train, measure, interpolate; the 12 study-wide jobs (tables, figures, costs, report)
     assert jobs == 1000 + 1000 + 200 + 12, jobs
+    assert not re.search(r"^import time:.*\| +torch$", out, re.M), "parsing imports torch"
     # Recorded, not asserted (no timed assertions): the whole `snakemake -n`, start-up included.
     print(
         f"\nDAG build (snakemake -n, {jobs} jobs): {wall:.1f} s wall, {cpu:.1f} s CPU = "

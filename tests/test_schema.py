@@ -119,7 +119,9 @@ BAD = {
     "out of range": (("measure", "n_samples"), 0, "n_samples"),
     "bad enum": (("regularizers", "sam", "name"), "sharpness", "sharpness"),
     "bad head width": (("models", "mlp", "head_widths"), [0], "head_widths"),
-    "head widths off resnet18": (("models", "mlp", "head_widths"), [4], "head_widths"),
+    "head widths off resnet18/mlp": (
+        ("models", "mlp"), {"name": "lenet5", "head_widths": [4]}, "head_widths"
+    ),
     "unknown measure": (("measure", "measures"), [{"function": "flatness_9000"}], "flatness_9000"),
 }
 

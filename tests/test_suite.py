@@ -118,6 +118,33 @@ def test_measure_specs_check_options_against_the_signature_and_labels():
         measure_specs([{"function": "relative_flatness", "options": {"seed": 3}}])
 
 
+def test_measure_parameters_table_is_exactly_the_measures_signatures():
+    """measure_specs (and so the workflow, without torch) reads flatness.measure_signatures; the
+    functions stay the source of truth: the table must be their signatures, measure for measure."""
+    from flatness.measure_signatures import MEASURE_PARAMETERS, parameters
+    from flatness.measures import MEASURES
+
+    actual = {name: parameters(fn) for name, fn in sorted(MEASURES.items())}
+    table = "\n".join(f"    {name!r}: {params!r}," for name, params in actual.items())
+    assert MEASURE_PARAMETERS == actual, f"paste into flatness/measure_signatures.py:\n{table}"
+
+
+def test_measure_specs_with_a_registry_read_its_signatures():
+    def plain(model, data, alpha=1.0, seed=0):
+        return 0.0
+
+    def open_ended(model, data, **options):
+        return 0.0
+
+    registry = {"plain": plain, "open_ended": open_ended}
+    (spec,) = measure_specs([{"function": "open_ended", "options": {"x": 1}}], registry)
+    assert spec.options == {"x": 1}
+    with pytest.raises(ValueError, match=r"plain takes no option 'beta' \(it takes \['alpha'"):
+        measure_specs([{"function": "plain", "options": {"beta": 1}}], registry)
+    with pytest.raises(ValueError, match=r"measure.measures\[0\].function = 'hessian_trace'"):
+        measure_specs([{"function": "hessian_trace"}], registry)
+
+
 def test_variants_from_config():
     names = [
         v.name

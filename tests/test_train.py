@@ -162,6 +162,29 @@ def test_target_train_loss_stops_early(tmp_path):
     assert m["train_loss"] <= 0.5 < m["history"][-2]["train_loss"]
 
 
+def test_plateau_stops_when_the_best_loss_stops_improving(tmp_path):
+    # The stopping rule recomputed from the run's own history: epoch e is a new best when its
+    # loss is below best × 0.99; the run ends at the first `patience` non-improving epochs.
+    m = train_run(small(epochs=60, plateau_patience=3, optimizer={"lr": 0.3}), tmp_path)
+    losses = [h["train_loss"] for h in m["history"]]
+    best, since, stop = math.inf, 0, None
+    for epoch, loss in enumerate(losses, 1):
+        best, since = (loss, 0) if loss < best * 0.99 else (best, since + 1)
+        if since == 3:
+            stop = epoch
+            break
+    assert stop is not None and m["epochs"] == stop < 60 and m["stopped_by"] == "plateau"
+    # A frozen model never improves after its first epoch: it stops at 1 + patience.
+    frozen = train_run(small(plateau_patience=2, epochs=10, optimizer={"lr": 1e-30}),
+                       tmp_path / "frozen")  # fmt: skip
+    assert frozen["epochs"] == 3 and frozen["stopped_by"] == "plateau"
+
+
+def test_plateau_patience_is_validated():
+    with pytest.raises(ValueError, match="plateau_patience"):
+        RunConfig.from_dict(small(plateau_patience=0))
+
+
 def test_history_follows_the_schedule(tmp_path):
     cfg = small(epochs=3, optimizer={"schedule": "step", "step_size": 1, "gamma": 0.5,
                                      "lr_scaling": "linear", "base_batch_size": 24})  # fmt: skip

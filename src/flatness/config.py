@@ -42,7 +42,7 @@ class ModelConfig:
     bias: bool = True  # biases on every linear/conv layer
     batchnorm: bool = False  # BN after each conv/hidden linear (breaks the rescaling symmetry)
     dropout: float = 0.0  # dropout probability (where the architecture has dropout)
-    head_widths: tuple[int, ...] = ()  # resnet18: linear bottleneck widths before the classifier
+    head_widths: tuple[int, ...] = ()  # resnet18/mlp: linear bottleneck widths before the classifier
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,10 @@ class RunConfig:
     batch_size: int = 128  # training minibatch size (samples)
     epochs: int = 20  # maximum number of epochs (the cap when target_train_loss is set)
     target_train_loss: float | None = None  # stop once the full training CE is ≤ this
+    # Keskar et al.'s "until the loss function ceased to improve": stop after this many epochs
+    # without a new best full training CE (better by the relative margin below); None = never.
+    plateau_patience: int | None = None
+    plateau_rel_delta: float = 0.01  # a new best must be below best × (1 − this)
     seed: int = 0  # model init, data order, augmentation and regulariser randomness
     checkpoint_every: int = 1  # epochs between resume checkpoints
     deterministic: bool = False  # torch deterministic algorithms (GPU bitwise reproducibility)
@@ -111,6 +115,7 @@ _POSITIVE = {
     "batch_size",
     "epochs",
     "checkpoint_every",
+    "plateau_patience",
     "eval_batch_size",
     "optimizer.lr",
     "optimizer.base_batch_size",
@@ -119,8 +124,9 @@ _POSITIVE = {
     "data.n_train",
     "data.n_test",
 }
-_BELOW_ONE = {"model.dropout", "data.test_fraction"}
+_BELOW_ONE = {"model.dropout", "data.test_fraction", "plateau_rel_delta"}
 _NON_NEGATIVE = {
+    "plateau_rel_delta",
     "optimizer.momentum",
     "optimizer.weight_decay",
     "regularizer.weight_decay",

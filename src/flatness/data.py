@@ -45,6 +45,49 @@ _TORCHVISION_LAYOUT = {
 
 FAKE_TRAIN, FAKE_TEST, FAKE_SHAPE = 512, 128, (3, 32, 32)
 
+#: Sizes known without loading the data (for :func:`dataset_sizes`, e.g. the compute estimate):
+#: name → (train, test) images of the torchvision sets as documented (CIFAR-10/100 50,000/10,000,
+#: MNIST and FashionMNIST 60,000/10,000, SVHN 73,257/26,032), or (all images, None) for the
+#: bundled sets that :func:`load_dataset` splits with ``test_fraction``; and the (C, H, W) shape.
+DATASET_SIZES: dict[str, tuple[int, int | None, tuple[int, int, int]]] = {
+    "mnist5k": (5_000, None, (1, 28, 28)),
+    "digits": (1_797, None, (1, 8, 8)),
+    "mnist": (60_000, 10_000, (1, 28, 28)),
+    "fashionmnist": (60_000, 10_000, (1, 28, 28)),
+    "cifar10": (50_000, 10_000, (3, 32, 32)),
+    "cifar100": (50_000, 10_000, (3, 32, 32)),
+    "svhn": (73_257, 26_032, (3, 32, 32)),
+    "fake": (FAKE_TRAIN, FAKE_TEST, FAKE_SHAPE),
+}
+
+
+def num_classes(name: str) -> int:
+    """Classes of dataset ``name``: 100 for CIFAR-100, 10 for every other."""
+    return 100 if name == "cifar100" else 10
+
+
+def dataset_sizes(cfg: DataConfig) -> tuple[int, int, tuple[int, ...], int]:
+    """``(n_train, n_test, input_shape, num_classes)`` that :func:`load_dataset` would give for
+    ``cfg``, from :data:`DATASET_SIZES`, without reading or downloading anything.
+
+    >>> from flatness.config import DataConfig
+    >>> dataset_sizes(DataConfig(name="mnist5k", test_fraction=0.2))
+    (4000, 1000, (1, 28, 28), 10)
+    >>> dataset_sizes(DataConfig(name="cifar10", n_train=1000))
+    (1000, 10000, (3, 32, 32), 10)
+    """
+    if cfg.name not in DATASET_SIZES:
+        raise ValueError(f"data.name = {cfg.name!r} is not a known dataset")
+    n_train, n_test, shape = DATASET_SIZES[cfg.name]
+    if n_test is None:  # stratified_split: sklearn's ⌈fraction · N⌉ test samples
+        n_test = math.ceil(cfg.test_fraction * n_train)
+        n_train -= n_test
+    if cfg.n_train is not None:
+        n_train = min(n_train, cfg.n_train)
+    if cfg.n_test is not None:
+        n_test = min(n_test, cfg.n_test)
+    return n_train, n_test, shape, num_classes(cfg.name)
+
 
 class DatasetNotFoundError(FileNotFoundError):
     """A torchvision dataset is missing from ``root`` and may not be downloaded."""
@@ -178,7 +221,7 @@ def load_dataset(
         name=cfg.name,
         train=to_tensors(Xtr, ytr),
         test=to_tensors(Xte, yte),
-        num_classes=100 if cfg.name == "cifar100" else 10,
+        num_classes=num_classes(cfg.name),
         input_shape=tuple(int(s) for s in Xtr.shape[1:]),
     )
 

@@ -76,12 +76,19 @@ def _fc_block(fin, fout, bias, bn, dropout) -> list[nn.Module]:
     return layers
 
 
-def mlp(in_shape, num_classes, widths, bias, batchnorm, dropout, **_) -> nn.Sequential:
-    """Flatten → (Linear → [BN] → ReLU → [Dropout]) per width → Linear. Keskar F1: widths 5×512."""
+def mlp(
+    in_shape, num_classes, widths, bias, batchnorm, dropout, head_widths=(), **_
+) -> nn.Sequential:
+    """Flatten → (Linear → [BN] → ReLU → [Dropout]) per width → [Linear per head width, no
+    activation] → Linear. Keskar F1: widths 5×512. ``head_widths=[64]`` is the FAM authors' linear
+    bottleneck before the classifier (see :func:`resnet18`)."""
     layers: list[nn.Module] = [nn.Flatten()]
     fin = int(torch.tensor(in_shape).prod())
     for w in widths:
         layers += _fc_block(fin, int(w), bias, batchnorm, dropout)
+        fin = int(w)
+    for w in head_widths:
+        layers.append(nn.Linear(fin, int(w), bias=bias))
         fin = int(w)
     return nn.Sequential(*layers, nn.Linear(fin, num_classes, bias=bias))
 
@@ -180,6 +187,9 @@ def resnet18(in_shape, num_classes, head_widths=(), **_) -> nn.Module:
     return net
 
 
+#: Models that take ``head_widths`` (a linear bottleneck before the classifier).
+HEAD_MODELS = frozenset({"mlp", "resnet18"})
+
 BUILDERS = {
     "mlp": mlp,
     "lenet5": lenet5,
@@ -206,8 +216,10 @@ def build_model(cfg: dict[str, Any]) -> nn.Module:
         raise ValueError(f"model config lacks {missing[0]!r}")
     if cfg["name"] not in BUILDERS:
         raise ValueError(f"model.name = {cfg['name']!r}; choose one of {sorted(BUILDERS)}")
-    if cfg.get("head_widths") and cfg["name"] != "resnet18":
-        raise ValueError(f"model.head_widths is a resnet18 option, not one of {cfg['name']!r}")
+    if cfg.get("head_widths") and cfg["name"] not in HEAD_MODELS:
+        raise ValueError(
+            f"model.head_widths is an option of {sorted(HEAD_MODELS)}, not of {cfg['name']!r}"
+        )
     opts = {**_DEFAULTS, **{k: v for k, v in cfg.items() if k in _DEFAULTS}}
     in_shape = tuple(int(s) for s in cfg["in_shape"])
     return BUILDERS[cfg["name"]](in_shape, int(cfg["num_classes"]), **opts)

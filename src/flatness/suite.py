@@ -10,20 +10,27 @@ files or the ``snakemake`` object, so it is tested without Snakemake.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import itertools
 import logging
 import math
 import re
 import time
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from flatness.config import RunConfig
+from flatness.measure_signatures import MEASURE_PARAMETERS, parameters, takes_option
+
+if TYPE_CHECKING:
+    # torch is imported in the functions that use it: the workflow builds its DAG with
+    # expand_grid, measure_specs, ... of this module, and importing torch there costs ≈ 2 s per
+    # `snakemake` call (tests/test_scale.py checks that the grid path stays torch-free).
+    import torch
+    from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -225,12 +232,15 @@ def measure_specs(
     An option the function does not take, or a repeated label, raises ``ValueError`` naming the
     config key (``measure.measures[i].options.<name>``).
     """
+    # The default registry's signatures without importing it (torch): flatness.measure_signatures.
     if registry is None:
-        from flatness.measures import MEASURES as registry
+        signatures = MEASURE_PARAMETERS
+    else:
+        signatures = {name: parameters(fn) for name, fn in registry.items()}
     specs, seen = [], set()
     for i, entry in enumerate(entries):
         fn_name = entry["function"]
-        if fn_name not in registry:
+        if fn_name not in signatures:
             raise ValueError(f"measure.measures[{i}].function = {fn_name!r} is not in MEASURES")
         label = entry.get("label") or fn_name
         if label in seen:
@@ -239,17 +249,21 @@ def measure_specs(
             )
         seen.add(label)
         options = dict(entry.get("options") or {})
-        params = inspect.signature(registry[fn_name]).parameters
-        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        params = signatures[fn_name]
         for name in options:
             if name in ("seed", "return_stderr"):
                 raise ValueError(
                     f"measure.measures[{i}].options.{name} is set by the workflow (measure.seed)"
                 )
-            if not takes_any and name not in params:
+            if name == "init_model":
+                raise ValueError(
+                    f"measure.measures[{i}].options.init_model is set by the workflow (the run's "
+                    "initialisation)"
+                )
+            if not takes_option(params, name):
                 raise ValueError(
                     f"measure.measures[{i}].options.{name}: {fn_name} takes no option {name!r} "
-                    f"(it takes {sorted(p for p in params if p not in ('model', 'data'))})"
+                    f"(it takes {sorted(params)})"
                 )
         specs.append(MeasureSpec(label, fn_name, options))
     return specs
@@ -262,6 +276,10 @@ class Variant:
     name: str
     kind: str
     factor: float = 1.0  # dinh: α; layerwise: the spread
+    # random_alpha: Dinh's T_α with an integer α drawn per model from [low, high] (Petzka et al.
+    # 2021: fc2 ÷ f, fc3 × f, f ∈ {5, …, 25}); the row's factor is the α drawn.
+    low: int = 0
+    high: int = 0
 
 
 def variants_from_config(measure_cfg: Mapping[str, Any]) -> list[Variant]:
@@ -272,13 +290,29 @@ def variants_from_config(measure_cfg: Mapping[str, Any]) -> list[Variant]:
         out.append(Variant(f"layerwise{k}", "layerwise", float(lw.get("spread", 10.0))))
     for alpha in measure_cfg.get("dinh_alpha", []):
         out.append(Variant(f"dinh_alpha{format_lr(alpha)}", "dinh", float(alpha)))
+    ra = measure_cfg.get("random_alpha", {})
+    low, high = int(ra.get("low", 5)), int(ra.get("high", 25))
+    for k in range(int(ra.get("copies", 0))):
+        out.append(Variant(f"random_alpha{k}", "random_alpha", math.nan, low, high))
     return out
+
+
+def drawn_alpha(variant: Variant, run_id: str, index: int) -> float:
+    """The α of a ``random_alpha`` copy: uniform on the integers [low, high], drawn from the run
+    id (not the measure seed, which every run shares), so each model gets its own."""
+    import torch
+
+    seed = zlib.crc32(f"{run_id}/{index}".encode())
+    g = torch.Generator().manual_seed(seed)
+    return float(torch.randint(variant.low, variant.high + 1, (1,), generator=g).item())
 
 
 def reparameterise(
     model: nn.Module, variant: Variant, seed: int, index: int = 0, dinh_layer: int = -2
 ) -> nn.Module:
     """The variant's copy of ``model``; raises ``ValueError`` where it does not apply (e.g. BN)."""
+    import torch
+
     from flatness import reparam
 
     if variant.kind == "original":
@@ -289,18 +323,25 @@ def reparameterise(
         return reparam.layerwise_rescale(
             model, reparam.random_layerwise_factors(n, variant.factor, g)
         )
-    if variant.kind == "dinh":
+    if variant.kind in ("dinh", "random_alpha"):
         return reparam.dinh_alpha_rescale(model, variant.factor, layer=dinh_layer)
     raise ValueError(f"unknown variant kind {variant.kind!r}")
 
 
 def _call_measure(
-    fn: Callable, model: nn.Module, data, options: Mapping[str, Any], seed: int
+    fn: Callable,
+    model: nn.Module,
+    data,
+    options: Mapping[str, Any],
+    seed: int,
+    init_model: nn.Module | None = None,
 ) -> tuple[float, float]:
     params = inspect.signature(fn).parameters
     kwargs = dict(options)
     if "seed" in params:
         kwargs["seed"] = int(seed)
+    if "init_model" in params:  # None when unknown: the measure raises ValueError (a NaN row)
+        kwargs["init_model"] = init_model
     if "return_stderr" in params:
         value, stderr = fn(model, data, return_stderr=True, **kwargs)
         return float(value), float(stderr)
@@ -330,8 +371,12 @@ def measure_model(
     run_id: str = "",
     dinh_layer: int = -2,
     registry: Mapping[str, Callable] | None = None,
+    init_model: nn.Module | None = None,
 ) -> list[dict]:
     """Every measure on the model and on each variant copy, as long-format rows.
+
+    ``init_model`` (the run's initialisation, on the model's device and dtype) goes to every
+    measure that takes ``init_model=``, unrescaled on every copy.
 
     A variant that does not apply to the architecture (a ReLU rescaling of a BatchNorm net, a
     Dinh α on a one-layer net) gives rows with ``value = NaN`` and the reason in ``note``; so does
@@ -342,6 +387,8 @@ def measure_model(
         from flatness.measures import MEASURES as registry
     rows = []
     for index, variant in enumerate(variants):
+        if variant.kind == "random_alpha":
+            variant = dataclasses.replace(variant, factor=drawn_alpha(variant, run_id, index))
         try:
             copy = reparameterise(model, variant, seed, index, dinh_layer)
         except ValueError as err:
@@ -353,7 +400,7 @@ def measure_model(
             start = time.perf_counter()
             try:
                 value, stderr = _call_measure(
-                    registry[spec.function], copy, data, spec.options, seed
+                    registry[spec.function], copy, data, spec.options, seed, init_model
                 )
                 note = ""
             except ValueError as err:
@@ -377,6 +424,8 @@ def training_subset(
     X: torch.Tensor, y: torch.Tensor, n: int, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A fixed random subset of ``n`` samples (all when ``n`` ≥ N); the same for every run."""
+    import torch
+
     if n >= X.shape[0]:
         return X, y
     g = torch.Generator().manual_seed(int(seed))
@@ -390,23 +439,38 @@ def measure_run(
     measure_cfg: Mapping[str, Any],
     run_id: str,
     status: str = "ok",
+    provenance: Mapping[str, Any] | None = None,
 ) -> list[dict]:
     """The measure stage of one run: subset, precision, specs and variants from ``measure_cfg``.
 
     ``train`` is the un-augmented training set; ``measure_cfg`` the validated ``measure`` section
     of the study config. A run whose training ``status`` is not ``ok`` gets NaN rows.
+    ``provenance`` is the run's metrics.json block (its ``config`` and ``model_config``): from it
+    :func:`flatness.train.initial_model` rebuilds θ₀ for measures that take ``init_model=``
+    (without it they give NaN rows saying so).
     """
     specs = measure_specs(measure_cfg["measures"])
     variants = variants_from_config(measure_cfg)
     if status != "ok":
         return skipped_rows(run_id, specs, variants, f"not measured: training status {status}")
-    dtype = getattr(torch, measure_cfg.get("dtype", "float64"))
+    import torch
+
     from flatness.train import resolve_device
+
+    dtype = getattr(torch, measure_cfg.get("dtype", "float64"))
 
     device = resolve_device(measure_cfg.get("device", "auto"))
     X, y = training_subset(*train, int(measure_cfg["n_samples"]), int(measure_cfg["subset_seed"]))
     model = model.to(device=device, dtype=dtype).eval()
     data = (X.to(device=device, dtype=dtype), y.to(device))
+    init_model = None
+    takes_init = any("init_model" in MEASURE_PARAMETERS[s.function] for s in specs)
+    if provenance is not None and takes_init:
+        from flatness.train import initial_model
+
+        with torch.random.fork_rng(devices=[]):  # it reseeds the global RNG; keep the caller's
+            init_model = initial_model(provenance["config"], provenance["model_config"])
+        init_model = init_model.to(device=device, dtype=dtype).eval()
     return measure_model(
         model,
         data,
@@ -415,6 +479,7 @@ def measure_run(
         seed=int(measure_cfg.get("seed", 0)),
         run_id=run_id,
         dinh_layer=int(measure_cfg.get("dinh_layer", -2)),
+        init_model=init_model,
     )
 
 

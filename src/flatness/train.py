@@ -192,19 +192,34 @@ def train_run(
         return _train(cfg, Path(out_dir), resume_dir, device, stop, on_config_change, identity)
 
 
+def initial_model(cfg: RunConfig | dict[str, Any], model_cfg: dict[str, Any]) -> torch.nn.Module:
+    """The run's model at initialisation (θ₀), on the CPU in ``cfg.dtype``: seeds the global RNG
+    with ``cfg.seed`` and builds ``model_cfg`` (the model section plus ``in_shape`` and
+    ``num_classes``, as metrics.json's ``provenance.model_config`` records it).
+
+    The one source of θ₀: the trainer calls it (and draws its dropout masks from the RNG state it
+    leaves), and the measure stage rebuilds θ₀ with it for ``distance_from_init``, bitwise equal
+    (wrap the call in ``torch.random.fork_rng`` to keep the caller's RNG state).
+    """
+    cfg = cfg if isinstance(cfg, RunConfig) else RunConfig.from_dict(cfg)
+    torch.manual_seed(cfg.seed)
+    # built on the CPU, then cast: the same values whichever device the run trains on
+    return build_model(dict(model_cfg)).to(dtype=getattr(torch, cfg.dtype))
+
+
 def _train(
     cfg: RunConfig, out_dir: Path, resume_dir, device, stop, on_config_change: str, identity
 ) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     splits = load_dataset(cfg.data, device, dtype=getattr(torch, cfg.dtype))
     (X_tr, y_tr), (X_te, y_te) = splits.train, splits.test
-    torch.manual_seed(cfg.seed)  # model init and dropout masks: the global RNG, seeded here
     model_cfg = {
         **dataclasses.asdict(cfg.model),
         "in_shape": list(splits.input_shape),
         "num_classes": splits.num_classes,
     }
-    model = build_model(model_cfg).to(device=device, dtype=getattr(torch, cfg.dtype))
+    # Seeds the global RNG: the model init here, the dropout masks later in the loop.
+    model = initial_model(cfg, model_cfg).to(device=device)
     optimizer = build_optimizer(model, cfg)
     loader = TensorLoader(X_tr, y_tr, cfg.batch_size, seed=cfg.seed, augment=cfg.data.augment)
     step = STEPS[cfg.regularizer.name]
@@ -294,6 +309,8 @@ def _train(
             prog["status"], prog["stopped_by"] = "diverged", "non-finite loss"
         elif cfg.target_train_loss is not None and train_loss <= cfg.target_train_loss:
             prog["status"], prog["stopped_by"] = "ok", "target_train_loss"
+        elif _plateaued(prog, train_loss, cfg):
+            prog["status"], prog["stopped_by"] = "ok", "plateau"
         elif prog["epoch"] >= cfg.epochs:
             prog["status"], prog["stopped_by"] = "ok", "epochs"
         if (
@@ -310,6 +327,19 @@ def _train(
              "batches_per_epoch": len(loader)}  # fmt: skip
     wall = time.perf_counter() - t0
     return _write_outputs(cfg, out_dir, model, model_cfg, prog, wall, device, identity, sizes)
+
+
+def _plateaued(prog: dict[str, Any], train_loss: float, cfg: RunConfig) -> bool:
+    """Track the best full training loss; True once ``plateau_patience`` epochs in a row brought
+    no new best (lower by the relative margin ``plateau_rel_delta``). Kept in ``prog`` so a
+    resumed run counts on where it stopped."""
+    best = prog.get("best_train_loss", math.inf)
+    if train_loss < best * (1.0 - cfg.plateau_rel_delta):
+        prog["best_train_loss"], prog["epochs_since_best"] = train_loss, 0
+    else:
+        prog["epochs_since_best"] = prog.get("epochs_since_best", 0) + 1
+    patience = cfg.plateau_patience
+    return patience is not None and prog["epochs_since_best"] >= patience
 
 
 def _interrupt(signum: int, resume_dir, checkpoint) -> None:

@@ -135,3 +135,40 @@ rule collect_interpolation:
         "../../envs/flatness.yaml"
     script:
         "../scripts/collect_interpolation.py"
+
+
+rule paper:
+    input:
+        unpack(paper_inputs),
+    output:
+        table=report(
+            "results/tables/paper.csv",
+            caption="../report/paper_table.rst",
+            category="Paper",
+            labels={"table": "ours beside the paper"},
+        ),
+        markdown="results/tables/paper.md",
+        rst="results/tables/paper.rst",
+        html=report(
+            "results/tables/paper.html",
+            caption="../report/paper_verdicts.rst",
+            category="Paper",
+            labels={"table": "verdicts"},
+        ),
+        figure=report(
+            "results/figures/paper.png",
+            caption="../report/paper_figure.rst",
+            category="Paper",
+            labels={"figure": "the paper's figure, from our runs"},
+        ),
+    log:
+        "results/logs/paper.log",
+    benchmark:
+        "results/benchmarks/paper/paper.tsv"
+    conda:
+        "../../envs/flatness.yaml"
+    params:
+        study=PAPER,
+        analysis=config["analysis"],
+    script:
+        "../scripts/paper.py"

@@ -1,4 +1,5 @@
 # Validation, the run table and small input/param helpers shared by every stage.
+import inspect
 import os
 
 from flatness.suite import (
@@ -8,6 +9,7 @@ from flatness.suite import (
     measure_specs,
     variants_from_config,
 )
+from flatness.paper_specs import missing_measures
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
@@ -31,6 +33,15 @@ PAIRS = (
 )
 PAIR_BY_ID = {p.pair_id: p for p in PAIRS}
 MEASURE_LABELS = [s.label for s in MEASURE_SPECS]
+# The paper this study reproduces (flatness.analysis.papers), or None; its table's measures must
+# be measured, which is checked here rather than after hours of training.
+PAPER = config["paper"]["study"]
+_missing = missing_measures(PAPER, MEASURE_LABELS)
+if _missing:
+    raise WorkflowError(
+        f"invalid config: paper.study = {PAPER!r} reads the measure labels {_missing}; "
+        "add them to measure.measures (label: ...)"
+    )
 VARIANT_NAMES = [v.name for v in variants_from_config(config["measure"])]
 
 
@@ -41,6 +52,22 @@ VARIANT_NAMES = [v.name for v in variants_from_config(config["measure"])]
 wildcard_constraints:
     run=id_regex(RUN_IDS),
     pair=id_regex(sorted(PAIR_BY_ID)),
+
+
+def per_job(func):
+    """`func` with its signature computed once, for the functions Snakemake calls per job.
+
+    Snakemake reads the signature of an input, params, resources or group function
+    (inspect.signature, ≈ 10 µs) on every call, ≈ 30,000 times on a 1,000-run grid; a stored
+    `__signature__` (PEP 362) makes that a lookup.
+    """
+    func.__signature__ = inspect.signature(func)
+    return func
+
+
+def per_attempt(amount):
+    """A resource of `amount` × the attempt: a retried job asks for more."""
+    return per_job(lambda wildcards, attempt: amount * attempt)
 
 
 # SLURM job grouping. A profile that sets `group-components: {runs: N, pairs: M}` (profiles/slurm)
@@ -58,11 +85,13 @@ def group_if_larger(name, n_items):
     return name if 1 < size < n_items else None
 
 
+@per_job
 def run_group(wildcards):
     """The `group:` of a run's train and measure jobs."""
     return group_if_larger("runs", len(RUNS))
 
 
+@per_job
 def pair_group(wildcards):
     """The `group:` of an interpolation job."""
     return group_if_larger("pairs", len(PAIRS))
@@ -89,11 +118,13 @@ def study_pair(pair_id):
         ) from None
 
 
+@per_job
 def run_config(wildcards):
     """The resolved flatness.config.RunConfig dict of one run (its single source: the grid)."""
     return study_run(wildcards.run).config
 
 
+@per_job
 def run_axes(wildcards):
     """The grid point of one run (axis → value), recorded in its metrics.json."""
     return study_run(wildcards.run).axes
@@ -109,6 +140,19 @@ def uses_gpu(device):
     return 1 if device in ("cuda", "auto") else 0
 
 
+@per_job
+def run_gpu(wildcards):
+    """The `gpu` resource of a run's train job (its training device)."""
+    return uses_gpu(run_config(wildcards)["device"])
+
+
+@per_job
+def run_data(wildcards):
+    """Data config of a run without augmentation (what its measures see)."""
+    return dict(run_config(wildcards)["data"], augment=False)
+
+
+@per_job
 def pair_models(wildcards):
     pair = study_pair(wildcards.pair)
     return {
@@ -117,6 +161,7 @@ def pair_models(wildcards):
     }
 
 
+@per_job
 def pair_data(wildcards):
     """Data config of a pair (both runs share it), without augmentation."""
     return dict(
@@ -158,6 +203,9 @@ def report_inputs():
     ]
     tables += ["invariance", "summary"] + (["interpolation"] if PAIRS else [])
     tables.append("costs")  # every job's benchmark → time per rule (rule costs)
+    if PAPER:
+        figures.append("results/figures/paper.png")
+        tables.append("paper")
     return (
         figures
         + [f"results/tables/{t}.csv" for t in tables]
@@ -183,6 +231,23 @@ COST_RULES = [
     "fig_training_curves",
     "front_page",
 ] + (["interpolate", "collect_interpolation", "fig_interpolation"] if PAIRS else [])
+COST_RULES += ["paper"] if PAPER else []
+
+
+def paper_inputs(wildcards):
+    """The tables rule paper reads (the interpolation only where the study has pairs)."""
+    files = {
+        "runs": "results/tables/runs.csv",
+        "long": "results/tables/measures_long.csv",
+    }
+    if PAIRS:
+        files["interpolation"] = "results/tables/interpolation.csv"
+    return files
+
+
+def front_page_extra(wildcards):
+    """The paper section of the front page, for a study that reproduces a paper."""
+    return {"paper": "results/tables/paper.rst"} if PAPER else {}
 
 
 def benchmark_files(wildcards):

@@ -17,12 +17,12 @@ rule measure:
         "../../envs/flatness.yaml"
     threads: 1
     resources:
-        mem_mb=lambda wc, attempt: 4000 * attempt,
-        runtime=lambda wc, attempt: 120 * attempt,
+        mem_mb=per_attempt(4000),
+        runtime=per_attempt(120),
         gpu=uses_gpu(config["measure"]["device"]),
     params:
         run_id="{run}",
-        data=lambda wc: dict(run_config(wc)["data"], augment=False),
+        data=run_data,
         measure=config["measure"],
     script:
         "../scripts/measure.py"

@@ -119,6 +119,7 @@ rule fig_interpolation:
 
 rule front_page:
     input:
+        unpack(front_page_extra),
         intro=source_file("workflow", "report", "workflow.rst"),
         runs="results/tables/runs.csv",
         batch="results/tables/batch_comparison.csv",

@@ -19,14 +19,14 @@ rule train:
         "../../envs/flatness.yaml"
     threads: 1
     resources:
-        mem_mb=lambda wc, attempt: 4000 * attempt,
-        runtime=lambda wc, attempt: 120 * attempt,
-        gpu=lambda wc: uses_gpu(run_config(wc)["device"]),
+        mem_mb=per_attempt(4000),
+        runtime=per_attempt(120),
+        gpu=run_gpu,
     params:
         run_id="{run}",
         axes=run_axes,
         config=run_config,
-        resume_dir=lambda wc: f"results/ckpt/{wc.run}",
+        resume_dir="results/ckpt/{run}",
     script:
         "../scripts/train.py"
 

@@ -18,5 +18,7 @@ page = front_page_rst(
     pd.read_csv(sm.input.kendall),
     pd.read_csv(sm.input.invariance, **na),
     Path(sm.input.figure).read_bytes(),
+    # a paper study: its verdicts and table right after the introduction
+    paper_rst=Path(sm.input.paper).read_text() if "paper" in sm.input.keys() else None,
 )
 Path(sm.output[0]).write_text(page)

@@ -25,6 +25,8 @@ if metrics.get("run_id") != run_id:
     raise ValueError(f"{sm.input.metrics} records run {metrics.get('run_id')!r}, not {run_id!r}")
 splits = load_dataset(DataConfig(**sm.params.data))
 model = load_model(sm.input.model, map_location="cpu", expect_run_id=run_id)
-rows = measure_run(model, splits.train, sm.params.measure, run_id, metrics["status"])
+rows = measure_run(
+    model, splits.train, sm.params.measure, run_id, metrics["status"], metrics["provenance"]
+)
 table = pd.DataFrame(rows, columns=list(MEASURE_COLUMNS))
 table.to_json(sm.output[0], orient="records", indent=1)  # NaN (diverged, not applicable) → null

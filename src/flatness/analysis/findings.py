@@ -197,16 +197,20 @@ def front_page_rst(
     invariance: pd.DataFrame,
     figure_png: bytes | None = None,
     gap: str = "gap_acc",
+    paper_rst: str | None = None,
 ) -> str:
     """The report's first page: ``intro`` (reStructuredText), then the headline numbers.
 
     Large- vs small-batch difference (mean, bootstrap 95% interval, Mann–Whitney p) in test
     accuracy and in each measure that stayed invariant on every reparameterised copy; Kendall τ of
     each invariant measure against ``gap`` with its interval; then the invariance figure, inlined
-    as a data URI so the page needs no other file.
+    as a data URI so the page needs no other file. ``paper_rst``, for a study that reproduces a
+    paper, goes right after the introduction.
     """
     ok = runs[runs["status"] == "ok"]
     parts = [intro.rstrip() + "\n"]
+    if paper_rst:  # the reproduced paper's verdicts (flatness.analysis.papers.PaperResult.rst)
+        parts.append("\n" + paper_rst)
     parts.append("\nHeadline\n--------\n")
     invariant = invariant_measures(invariance)
     parts.append(

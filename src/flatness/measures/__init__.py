@@ -4,7 +4,8 @@ Every function takes ``(model, data)``, ``data`` an ``(X, y)`` pair or an iterab
 batches; the loss is the mean cross-entropy over all samples unless ``loss_fn=`` is given; it
 computes in the model's dtype and on its device, in ``eval()`` mode (the caller's mode restored),
 and returns a Python ``float``. Stochastic measures take ``seed=`` and, with
-``return_stderr=True``, return ``(value, standard_error)``.
+``return_stderr=True``, return ``(value, standard_error)``. A measure that needs the run's
+initial weights takes ``init_model=`` (:func:`flatness.suite.measure_run` rebuilds and passes it).
 """
 
 from flatness.measures.curvature import (
@@ -15,6 +16,12 @@ from flatness.measures.curvature import (
 )
 from flatness.measures.fisher_rao import fisher_rao_norm
 from flatness.measures.keskar import keskar_sharpness
+from flatness.measures.norms import (
+    distance_from_init,
+    path_norm,
+    spectral_norm_product,
+    weight_norm,
+)
 from flatness.measures.pacbayes import pacbayes_magnitude_sigma, pacbayes_sigma
 from flatness.measures.relative import (
     relative_flatness,
@@ -42,6 +49,10 @@ MEASURES = {
         keskar_sharpness,
         pacbayes_sigma,
         pacbayes_magnitude_sigma,
+        weight_norm,
+        distance_from_init,
+        spectral_norm_product,
+        path_norm,
     )
 }
 
