@@ -257,3 +257,82 @@ def test_evaluations_are_scipy_nfev_plus_one(
     (res,) = results
     assert res.nit >= 1 and res.nfev > res.nit
     assert ours == {"grad": res.nfev, "loss": 1}
+
+
+# --- one BLAS thread inside setulb (n > 10⁴, where OpenBLAS threads its dot products)
+
+
+def _box_quadratic(record: list):
+    """½xᵀCx − bᵀx, C diagonal in [1, 100], over a box that holds about half the minimiser's
+    coordinates: the iterates stay partly inside the box, where setulb's dot products set them
+    (on a box-bound loss ascent they sit on vertices and rounding rarely shows)."""
+    n = 30_000
+    gen = np.random.default_rng(0)
+    c, b = np.exp(gen.uniform(0, np.log(100), n)), gen.standard_normal(n)
+    bound = np.full(n, 0.05)
+    y0 = gen.uniform(-1, 1, n) * bound
+
+    def fun(x):
+        record.append(x.copy())
+        return float(0.5 * (c * x) @ x - b @ x), c * x - b
+
+    return fun, y0, bound
+
+
+@needs_setulb
+def test_driver_runs_setulb_on_one_blas_thread(monkeypatch):
+    """Above n = 10⁴ the driver's iterates are ``minimize``'s with one BLAS thread, bit for bit
+    (with the machine's threads they may differ in the last bits); setulb sees one thread, the
+    function evaluations and the caller get their thread counts back."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+
+    def blas_threads():
+        return [
+            i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"
+        ]
+
+    inside, outside, ours, theirs = [], [], [], []
+    setulb = keskar._setulb
+
+    def watched(*args):
+        inside.append(blas_threads())
+        return setulb(*args)
+
+    monkeypatch.setattr(keskar, "_setulb", watched)
+    fun, y0, bound = _box_quadratic(ours)
+
+    def fun_watched(y):
+        outside.append(blas_threads())
+        return fun(y)
+
+    before = blas_threads()
+    nit, nfev = keskar._lbfgsb_box(fun_watched, y0, bound, 10)
+    assert blas_threads() == before and all(t == before for t in outside)
+    assert inside and all(t == [1] * len(before) for t in inside)
+    monkeypatch.setattr(keskar, "_setulb", setulb)
+
+    fun_ref, _, _ = _box_quadratic(theirs)
+    with threadpoolctl.threadpool_limits(1, user_api="blas"):
+        res = scipy.optimize.minimize(
+            fun_ref,
+            y0,
+            jac=True,
+            method="L-BFGS-B",
+            bounds=scipy.optimize.Bounds(-bound, bound),
+            options={"maxiter": 10},
+        )
+    assert nit == 10 and (nit, nfev) == (res.nit, res.nfev)
+    assert len(ours) == len(theirs) == nfev
+    assert all(np.array_equal(a, b) for a, b in zip(ours, theirs, strict=True))
+
+
+@needs_setulb
+def test_wide_value_agrees_with_threaded_minimize(fixture_data64, monkeypatch):
+    """A 25k-parameter MLP against ``minimize`` on the machine's BLAS threads: the same value to
+    rounding."""
+    model = make_mlp(widths=(12, 1500, 4), seed=3)
+    assert sum(p.numel() for p in model.parameters()) > 10_000
+    fast = keskar_sharpness(model, fixture_data64, epsilon=0.05, seed=1)
+    _through_minimize(monkeypatch)
+    slow = keskar_sharpness(model, fixture_data64, epsilon=0.05, seed=1)
+    assert fast > 0 and fast == pytest.approx(slow, rel=1e-10, abs=0)

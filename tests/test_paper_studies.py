@@ -49,6 +49,8 @@ def twin(name: str) -> dict:
     t["measure"].update(n_samples=64, device="cpu")
     if t["interpolation"].get("enabled"):
         t["interpolation"]["num"] = 5
+    if t["paper"].get("sensitivity"):
+        t["paper"]["sensitivity"].update(values=[2, 10], n_samples=[32, 64])
     return t
 
 
@@ -114,6 +116,17 @@ def test_paper_table_recomputed_from_the_run_files(paper_study):
                 stats.mannwhitneyu(b, a, alternative="two-sided").pvalue
             )
         if study == "keskar2017":
+            # The sensitivity row at the configured settings is the measure stage's own value.
+            sens = pd.read_csv(workdir / "results" / "tables" / "sensitivity.csv")
+            assert set(sens.run_id) == {
+                f"mnist5k-f1-adam-none-bs{b}-lr0.001-s0" for b in (sb, lb)
+            }
+            at10 = sens[(sens.setting == "maxiter") & (sens.value_of_setting == 10)]
+            for r in at10.itertuples():
+                assert r.value == pytest.approx(
+                    runs.set_index("run_id").loc[r.run_id, "keskar_sharpness"], rel=1e-6
+                )
+            assert "Settings alone" in (workdir / "results" / "tables" / "paper.md").read_text()
             k = table.set_index("column").loc["keskar_sharpness"]
             assert k["paper SB 256"] == "1.23 ± 0.83"  # Table 3, F1, ε = 1e-3
             ratio = (ok["keskar_sharpness@dinh_alpha10"] / ok["keskar_sharpness"]).median()

@@ -172,3 +172,37 @@ rule paper:
         analysis=config["analysis"],
     script:
         "../scripts/paper.py"
+
+
+rule sensitivity:
+    input:
+        unpack(sensitivity_inputs),
+    output:
+        table=report(
+            "results/tables/sensitivity.csv",
+            caption="../report/sensitivity.rst",
+            category="Paper",
+            labels={"table": "a measure vs its own settings"},
+        ),
+        figure=report(
+            "results/figures/sensitivity.png",
+            caption="../report/sensitivity.rst",
+            category="Paper",
+            labels={"figure": "a measure vs its own settings"},
+        ),
+    log:
+        "results/logs/sensitivity.log",
+    benchmark:
+        "results/benchmarks/sensitivity/sensitivity.tsv"
+    conda:
+        "../../envs/flatness.yaml"
+    threads: 1
+    params:
+        runs=SENSITIVITY_RUNS,
+        data=lambda wc: dict(
+            study_run(SENSITIVITY_RUNS[0]).config["data"], augment=False
+        ),
+        measure=config["measure"],
+        sensitivity=SENSITIVITY,
+    script:
+        "../scripts/sensitivity.py"

@@ -206,6 +206,9 @@ def report_inputs():
     if PAPER:
         figures.append("results/figures/paper.png")
         tables.append("paper")
+    if SENSITIVITY_RUNS:
+        figures.append("results/figures/sensitivity.png")
+        tables.append("sensitivity")
     return (
         figures
         + [f"results/tables/{t}.csv" for t in tables]
@@ -231,7 +234,34 @@ COST_RULES = [
     "fig_training_curves",
     "front_page",
 ] + (["interpolate", "collect_interpolation", "fig_interpolation"] if PAIRS else [])
-COST_RULES += ["paper"] if PAPER else []
+
+
+# Sensitivity of one measure to its own settings (paper.sensitivity): on the first seed's
+# smallest- and largest-batch runs that share every other axis.
+SENSITIVITY = config["paper"]["sensitivity"]
+SENSITIVITY_RUNS = []
+if SENSITIVITY.get("function"):
+    _varied = {SENSITIVITY["option"]: None} if SENSITIVITY.get("option") else {}
+    try:  # the function and every option key must exist, as for measure.measures
+        measure_specs([{"function": SENSITIVITY["function"],
+                        "options": {**SENSITIVITY["options"], **_varied}}])  # fmt: skip
+    except ValueError as err:
+        raise WorkflowError(f"invalid config: paper.sensitivity: {err}") from None
+    _first = min(RUNS, key=lambda r: (r.axes["seed"], r.axes["batch_size"], r.run_id))
+    _peers = [
+        r
+        for r in RUNS
+        if all(r.axes[a] == _first.axes[a] for a in r.axes if a != "batch_size")
+    ]
+    SENSITIVITY_RUNS = sorted(
+        {min(_peers, key=lambda r: r.axes["batch_size"]).run_id,
+         max(_peers, key=lambda r: r.axes["batch_size"]).run_id}
+    )  # fmt: skip
+
+
+COST_RULES += (["paper"] if PAPER else []) + (
+    ["sensitivity"] if SENSITIVITY_RUNS else []
+)
 
 
 def paper_inputs(wildcards):
@@ -242,7 +272,18 @@ def paper_inputs(wildcards):
     }
     if PAIRS:
         files["interpolation"] = "results/tables/interpolation.csv"
+    if SENSITIVITY_RUNS:
+        files["sensitivity"] = "results/tables/sensitivity.csv"
     return files
+
+
+def sensitivity_inputs(wildcards):
+    """The models and metrics of the sensitivity runs."""
+    return {
+        f"{kind}_{i}": f"results/runs/{run}/{kind}.{ext}"
+        for i, run in enumerate(SENSITIVITY_RUNS)
+        for kind, ext in (("model", "pt"), ("metrics", "json"))
+    }
 
 
 def front_page_extra(wildcards):

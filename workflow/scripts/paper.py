@@ -15,8 +15,9 @@ na = dict(keep_default_na=False, na_values=["", "nan", "NaN"])
 runs = pd.read_csv(sm.input.runs)
 long = pd.read_csv(sm.input.long, **na)
 interpolation = pd.read_csv(sm.input.interpolation, **na) if "interpolation" in sm.input.keys() else None
+sensitivity = pd.read_csv(sm.input.sensitivity) if "sensitivity" in sm.input.keys() else None
 result = paper_tables(
-    sm.params.study, runs, long, alpha=cfg["significance"],
+    sm.params.study, runs, long, sensitivity, alpha=cfg["significance"],
     n_resamples=cfg["bootstrap_resamples"], seed=cfg["bootstrap_seed"],
 )  # fmt: skip
 result.table.to_csv(sm.output.table, index=False)

@@ -154,6 +154,25 @@ def adilova_figure(runs, long, interpolation, path) -> None:
     plt.close(fig)
 
 
+def sensitivity_figure(table: pd.DataFrame, path) -> None:
+    """The measure against each varied setting, one line per model (flatness.sensitivity)."""
+    settings = list(dict.fromkeys(table["setting"]))
+    fig, axes = plt.subplots(1, len(settings), figsize=(4.2 * len(settings), 3.4), squeeze=False)
+    for ax, setting in zip(axes[0], settings, strict=True):
+        sub = table[table["setting"] == setting]
+        for run_id, g in sub.groupby("run_id", sort=True):
+            ax.plot(g["value_of_setting"].astype(float), g["value"], "o-", label=run_id)
+        ax.set_xlabel(setting)
+        ax.set_ylabel(str(sub["function"].iloc[0]))
+        if positive(sub["value"]):
+            log_axis(ax)
+        log_axis(ax, "x")
+    axes[0, 0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 FIGURES = {
     "keskar2017": keskar_figure,
     "rangamani2019": rangamani_figure,

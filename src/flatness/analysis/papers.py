@@ -504,10 +504,35 @@ STUDIES: Mapping[str, Callable[..., PaperResult]] = {
 }
 
 
+def sensitivity_notes(table: pd.DataFrame) -> list[str]:
+    """One sentence per model and varied setting: the measure's range as that setting alone
+    moves (flatness.sensitivity)."""
+    notes = []
+    for (run_id, setting), g in table.groupby(["run_id", "setting"], sort=True):
+        g = g.sort_values("value_of_setting")
+        if g.empty:
+            continue
+        first, last = g.iloc[0], g.iloc[-1]
+        notes.append(
+            f"Settings alone: {first['function']} of {run_id} goes from {_fmt(first['value'])} "
+            f"at {setting} = {first['value_of_setting']} to {_fmt(last['value'])} at "
+            f"{last['value_of_setting']} (same model; table 'a measure vs its own settings')."
+        )
+    return notes
+
+
 def paper_tables(
-    study: str, runs: pd.DataFrame, long: pd.DataFrame, **kwargs
+    study: str,
+    runs: pd.DataFrame,
+    long: pd.DataFrame,
+    sensitivity: pd.DataFrame | None = None,
+    **kwargs,
 ) -> PaperResult:
-    """The comparison of ``study`` (a key of :data:`STUDIES`)."""
+    """The comparison of ``study`` (a key of :data:`STUDIES`); ``sensitivity`` (the table of
+    rule sensitivity) adds how far the measure moves with its own settings to the notes."""
     if study not in STUDIES:
         raise ValueError(f"paper.study = {study!r}; choose one of {sorted(STUDIES)}")
-    return STUDIES[study](runs, long, **kwargs)
+    result = STUDIES[study](runs, long, **kwargs)
+    if sensitivity is not None and not sensitivity.empty:
+        result.notes += sensitivity_notes(sensitivity)
+    return result

@@ -50,6 +50,10 @@ try:  # scipy ≥ 1.15 (the C port of L-BFGS-B): the routine that scipy.optimize
     from scipy.optimize._lbfgsb import setulb as _setulb
 except ImportError:  # pragma: no cover - older or re-organised scipy: minimize() below
     _setulb = None
+try:  # a dependency of scikit-learn, hence installed with the package
+    from threadpoolctl import ThreadpoolController
+except ImportError:  # pragma: no cover - then setulb runs on the BLAS threads it finds
+    ThreadpoolController = None
 _SETULB_SIGNATURE = (
     "setulb(m,x,l,u,nbd,f,g,factr,pgtol,wa,iwa,task,lsave,isave,dsave,maxls,ln_task)"
 )
@@ -57,6 +61,16 @@ _SETULB_SIGNATURE = (
 
 def _setulb_usable() -> bool:
     return _setulb is not None and (_setulb.__doc__ or "").startswith(_SETULB_SIGNATURE)
+
+
+def _one_blas_thread():
+    """A context that runs the BLAS libraries loaded now (scipy's OpenBLAS among them) on one
+    thread, or ``None`` without threadpoolctl. Entered around each ``setulb`` call only, so a
+    BLAS that torch shares is back at its own thread count for the loss evaluations."""
+    if ThreadpoolController is None:  # pragma: no cover
+        return None
+    blas = ThreadpoolController().select(user_api="blas")
+    return (lambda: blas.limit(limits=1)) if blas.lib_controllers else None
 
 
 def _lbfgsb_box(
@@ -74,7 +88,23 @@ def _lbfgsb_box(
     ``minimize`` turns a ``Bounds`` object into n Python (lo, hi) tuples and back, then fills its
     bound-type codes in a Python loop over the n variables: ≈ 5× the cost of the ≈ 11 loss and
     gradient evaluations for a 670k-parameter MLP. Here the bound arrays are built by numpy in
-    one step. Returns ``(iterations, evaluations)`` (scipy's ``nit``, ``nfev``)."""
+    one step, and the n-vectors setulb reads are allocated once.
+
+    **One BLAS thread inside setulb.** setulb's n-long dot products go through scipy's OpenBLAS,
+    which splits them over its threads from n = 10⁴ on; afterwards its idle workers spin for
+    ≈ 0.1 s (OpenBLAS's thread timeout, 2²⁸ cycles), i.e. through most of the next loss and
+    gradient evaluation, taking a core from torch: measured on a 670k-parameter MLP (2 cores),
+    the evaluations ran 20–50% slower inside the optimiser than alone, and setulb itself 2× slower
+    than on one thread. So each setulb call runs with the BLAS on one thread (threadpoolctl) and
+    the evaluations with the threads restored. The partial sums of a threaded dot product depend
+    on the thread count (rounding in the last bits), so the iterates are those of ``minimize``
+    with one BLAS thread (bit for bit; tests/test_keskar.py), and no longer depend on the
+    machine's core count; against ``minimize`` with threaded BLAS they agree to rounding (the
+    measure's value to ≤ 1e-10 on the benchmark fixtures). Below n = 10⁴ OpenBLAS does not thread
+    dot products and the two are the same. Returns ``(iterations, evaluations)`` (scipy's
+    ``nit``, ``nfev``).
+
+    ``fun_and_grad`` gets a buffer that is overwritten after it returns (copy it to keep it)."""
     m, maxfun, maxls = 10, 15000, 20
     factr = 2.2204460492503131e-09 / np.finfo(float).eps
     pgtol = 1e-5
@@ -91,10 +121,13 @@ def _lbfgsb_box(
     low, upp = np.where(has_lo, low, 0.0), np.where(has_up, upp, 0.0)
 
     # scipy's ScalarFunction evaluates at x0 when built, then again only where x has changed.
-    last_x = x.copy()  # setulb overwrites x in place; the function gets a stable copy
-    last = fun_and_grad(last_x)
+    last_x = x.copy()  # setulb overwrites x in place; the function gets this stable copy
+    last_f, last_g = fun_and_grad(last_x)
     nfev = 1
-    f, g = np.array(0.0), np.zeros(n)  # what scipy passes to the first call
+    # setulb may write into g (it restores the previous gradient when a line search fails);
+    # scipy hands it a fresh copy of the cached gradient each call, here one buffer is refilled
+    # from the cache. f is read by value (setulb's writes to it never reach Python).
+    f, g = 0.0, np.zeros(n)  # what scipy passes to the first call
     wa = np.zeros(2 * m * n + 5 * n + 11 * m * m + 8 * m, np.float64)
     iwa = np.zeros(3 * n, dtype=np.int32)
     task = np.zeros(2, dtype=np.int32)
@@ -102,23 +135,30 @@ def _lbfgsb_box(
     lsave = np.zeros(4, dtype=np.int32)
     isave = np.zeros(44, dtype=np.int32)
     dsave = np.zeros(29, dtype=np.float64)
+    one_thread = _one_blas_thread()
     nit = 0
     while True:
-        g = g.astype(np.float64)  # a fresh float64 copy per call, as scipy passes it
-        _setulb(m, x, low, upp, nbd, f, g, factr, pgtol, wa, iwa, task, lsave, isave, dsave,
-                maxls, ln_task)  # fmt: skip
+        if one_thread is None:  # pragma: no cover
+            _setulb(m, x, low, upp, nbd, f, g, factr, pgtol, wa, iwa, task, lsave, isave, dsave,
+                    maxls, ln_task)  # fmt: skip
+        else:
+            with one_thread():
+                _setulb(m, x, low, upp, nbd, f, g, factr, pgtol, wa, iwa, task, lsave, isave,
+                        dsave, maxls, ln_task)  # fmt: skip
         if task[0] == 3:  # f and g wanted at x
             if not np.array_equal(x, last_x):
-                last_x = x.copy()
-                last = fun_and_grad(last_x)
+                np.copyto(last_x, x)
+                last_f, last_g = fun_and_grad(last_x)
                 nfev += 1
-            f, g = last
+            f = last_f
+            np.copyto(g, last_g)
         elif task[0] == 1:  # a new iterate
             nit += 1
             if nit >= maxiter:
                 task[0], task[1] = 5, 504
             elif nfev > maxfun:
                 task[0], task[1] = 5, 502
+            np.copyto(g, last_g)
         else:
             return nit, nfev
 
@@ -191,8 +231,9 @@ def keskar_sharpness(
         y0 = np.zeros_like(bound)
 
     evaluated: list[float] = []
-    # One flat float64 vector for scipy; on a float64 CPU model torch.from_numpy shares it and
-    # θ + δ is the only new tensor, otherwise one cast/copy each way per evaluation.
+    # One flat float64 vector for scipy; on a float64 CPU model torch.from_numpy shares it, θ + δ
+    # is the only new n-vector and the gradient is negated in place (it is this call's own
+    # tensor); otherwise one cast/copy each way per evaluation.
     to_model = {"device": theta.device, "dtype": theta.dtype}
 
     def negated(y: np.ndarray) -> tuple[float, np.ndarray]:
@@ -200,7 +241,7 @@ def keskar_sharpness(
         loss, g = flat(y_t if A is None else A @ y_t)
         evaluated.append(loss)
         g = g if A is None else A.T @ g
-        return -loss, g.detach().to(device="cpu", dtype=torch.float64).neg().numpy()
+        return -loss, g.detach().to(device="cpu", dtype=torch.float64).neg_().numpy()
 
     with eval_mode(model):
         loss0, _ = flat(torch.zeros_like(theta), grad=False)
