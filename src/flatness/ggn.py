@@ -120,7 +120,13 @@ def _parametric_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
 
 
-def ggn_trace(model: nn.Module, data, *, chunk_size: int | None = DEFAULT_CHUNK) -> float:
+def ggn_trace(
+    model: nn.Module,
+    data,
+    *,
+    chunk_size: int | None = DEFAULT_CHUNK,
+    layer: nn.Module | None = None,
+) -> float:
     """Exact Tr ∇²L of the mean cross-entropy (``loss_fn=None``) for a piecewise-linear net.
 
     ``data`` as for every measure; batches are weighted as in
@@ -129,6 +135,10 @@ def ggn_trace(model: nn.Module, data, *, chunk_size: int | None = DEFAULT_CHUNK)
     parameters of the model (``parameters()``), in ``eval()`` (mode restored), in the model's
     dtype and device; accumulated in float64. Raises :class:`NotPiecewiseLinear` (a ValueError)
     when :func:`piecewise_linear_offender` names a module or the output is not 2-D logits.
+
+    ``layer`` (a ``Linear``/``Conv`` module of ``model``): only the weight of that layer, bias
+    excluded, i.e. Tr H_ll of its diagonal block (diag H = diag G holds entry by entry, so any
+    diagonal block's trace is exact); one backward pass per class to that layer's output.
 
     >>> lin = nn.Linear(1, 2, bias=False).double()
     >>> _ = nn.init.zeros_(lin.weight)  # p = (½, ½): A = [[¼, −¼], [−¼, ¼]], Tr G = mean x² · ½
@@ -142,6 +152,12 @@ def ggn_trace(model: nn.Module, data, *, chunk_size: int | None = DEFAULT_CHUNK)
         )
     batches = Batches.for_model(data, model, chunk_size=chunk_size)
     layers = _parametric_layers(model)
+    if layer is not None:
+        if not isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) or not any(
+            m is layer for m in layers
+        ):
+            raise ValueError("layer must be a Linear or Conv layer of the model")
+        layers = [layer]
     params = list(model.parameters())
     if not params:
         raise ValueError("no parameters to differentiate: the model has none")
@@ -155,6 +171,7 @@ def ggn_trace(model: nn.Module, data, *, chunk_size: int | None = DEFAULT_CHUNK)
     total = torch.zeros((), dtype=torch.float64, device=params[0].device)
     flags = [p.requires_grad for p in params]
     hooks = []
+    bias = layer is None  # one layer: its weight only
     try:
         with eval_mode(model), torch.enable_grad():
             for p in params:
@@ -173,10 +190,11 @@ def ggn_trace(model: nn.Module, data, *, chunk_size: int | None = DEFAULT_CHUNK)
                     deltas = torch.autograd.grad(
                         logits, outs, grad_outputs=cot, retain_graph=True, allow_unused=True
                     )
-                    for layer, delta in zip(layers, deltas, strict=True):
+                    for mod, delta in zip(layers, deltas, strict=True):
                         if delta is not None:
-                            a = captured[layer][0].detach()
-                            total += _per_sample_sq_norms(layer, a, delta).sum(dtype=torch.float64)
+                            a = captured[mod][0].detach()
+                            sq = _per_sample_sq_norms(mod, a, delta, bias=bias)
+                            total += sq.sum(dtype=torch.float64)
                 del logits, outs, deltas
                 captured.clear()
     finally:
@@ -206,8 +224,9 @@ def _sample_weights(logits: Tensor, y: Tensor, num_samples: int) -> Tensor:
     return valid * (bw / float(valid.sum()))
 
 
-def _per_sample_sq_norms(layer: nn.Module, a: Tensor, delta: Tensor) -> Tensor:
-    """‖∂u_i/∂θ_layer‖² per sample from the layer input ``a`` and output gradient ``delta``."""
+def _per_sample_sq_norms(layer: nn.Module, a: Tensor, delta: Tensor, bias: bool = True) -> Tensor:
+    """‖∂u_i/∂θ_layer‖² per sample from the layer input ``a`` and output gradient ``delta``
+    (``bias=False``: the weight's entries only)."""
     n = a.shape[0]
     if isinstance(layer, nn.Linear):
         a3, d3 = a.reshape(n, -1, a.shape[-1]), delta.reshape(n, -1, delta.shape[-1])
@@ -215,7 +234,7 @@ def _per_sample_sq_norms(layer: nn.Module, a: Tensor, delta: Tensor) -> Tensor:
             sq = (d3**2).sum((1, 2)) * (a3**2).sum((1, 2))
         else:
             sq = (d3.transpose(1, 2) @ a3).pow(2).sum((1, 2))
-        if layer.bias is not None:
+        if bias and layer.bias is not None:
             sq = sq + d3.sum(1).pow(2).sum(1)
         return sq
     if isinstance(layer, nn.modules.batchnorm._BatchNorm):
@@ -230,13 +249,13 @@ def _per_sample_sq_norms(layer: nn.Module, a: Tensor, delta: Tensor) -> Tensor:
             sq = sq + delta.reshape(n, a.shape[1], -1).sum(2).pow(2).sum(1)
         return sq
     if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
-        return _conv_sq_norms(layer, a, delta)
+        return _conv_sq_norms(layer, a, delta, bias)
     if isinstance(layer, nn.Conv3d):
-        return _generic_sq_norms(layer, a, delta)
+        return _generic_sq_norms(layer, a, delta, bias)
     raise NotPiecewiseLinear(f"no per-sample gradient norm for {type(layer).__name__}")
 
 
-def _conv_sq_norms(layer: nn.Conv1d | nn.Conv2d, a: Tensor, delta: Tensor) -> Tensor:
+def _conv_sq_norms(layer: nn.Conv1d | nn.Conv2d, a: Tensor, delta: Tensor, bias: bool) -> Tensor:
     """Conv1d/2d: per-sample weight gradient δ_i · patches_iᵀ, per group, in sub-chunks."""
     mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
     pad = layer._reversed_padding_repeated_twice
@@ -259,12 +278,12 @@ def _conv_sq_norms(layer: nn.Conv1d | nn.Conv2d, a: Tensor, delta: Tensor) -> Te
             sq = sq + (dj @ pj.transpose(1, 2)).pow(2).sum((1, 2))
         out.append(sq)
     sq = torch.cat(out)
-    if layer.bias is not None:
+    if bias and layer.bias is not None:
         sq = sq + d.sum(2).pow(2).sum(1)
     return sq
 
 
-def _generic_sq_norms(layer: nn.Module, a: Tensor, delta: Tensor) -> Tensor:
+def _generic_sq_norms(layer: nn.Module, a: Tensor, delta: Tensor, bias: bool) -> Tensor:
     """Conv3d (no 3-D unfold): per-sample weight gradients by ``torch.func``, in sub-chunks."""
     from torch.func import grad, vmap
 
@@ -280,6 +299,6 @@ def _generic_sq_norms(layer: nn.Module, a: Tensor, delta: Tensor) -> Tensor:
         [per_sample(weight, a[s : s + sub], d[s : s + sub]).flatten(1).pow(2).sum(1)
          for s in range(0, n, sub)]
     )  # fmt: skip
-    if layer.bias is not None:
+    if bias and layer.bias is not None:
         sq = sq + d.flatten(2).sum(2).pow(2).sum(1)
     return sq

@@ -43,6 +43,7 @@ MEASURE_PARAMETERS: dict[str, tuple[str, ...]] = {
     "hessian_max_eigenvalue": (
         "loss_fn",
         "params",
+        "layer",
         "tol",
         "seed",
         "method",
@@ -51,6 +52,7 @@ MEASURE_PARAMETERS: dict[str, tuple[str, ...]] = {
     ),
     "hessian_trace": (
         "loss_fn",
+        "layer",
         "rel_stderr",
         "num_probes",
         "seed",
@@ -94,6 +96,7 @@ MEASURE_PARAMETERS: dict[str, tuple[str, ...]] = {
     "path_norm": (),
     "quotient_sharpness": (
         "loss_fn",
+        "layer",
         "normalized",
         "epsilon",
         "tol",
@@ -104,6 +107,7 @@ MEASURE_PARAMETERS: dict[str, tuple[str, ...]] = {
     ),
     "relative_flatness": (
         "loss_fn",
+        "layer",
         "normalize_features",
         "divide_by_m",
         "method",

@@ -94,6 +94,33 @@ def weight_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, WeightLayer)]
 
 
+def weight_layer(model: nn.Module, layer: int) -> tuple[int, str, nn.Module]:
+    """Weight layer ``layer`` of :func:`weight_layers` (negative counts from the end) as
+    ``(index ≥ 0, module path, module)``; the per-layer options of the measures (``layer=``)
+    resolve their index here.
+
+    >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    >>> weight_layer(net, -1)[:2]
+    (1, '2')
+    """
+    try:
+        if isinstance(layer, bool):
+            raise TypeError
+        index = operator.index(layer)
+    except TypeError:
+        raise ValueError(
+            f"layer must be an integer index into weight_layers(model), got {layer!r}"
+        ) from None
+    layers = weight_layers(model)
+    if not -len(layers) <= index < len(layers):
+        raise ValueError(
+            f"layer {index} is out of range: the model has {len(layers)} weight layers"
+        )
+    module = layers[index]
+    name = next(n for n, m in model.named_modules() if m is module)
+    return index % len(layers), name, module
+
+
 class _Chain(NamedTuple):
     """The rescaled weight layers in execution order, and per gap k (layer k → k+1) why a
     neuron-wise rescaling of layer k cannot tell which inputs of layer k+1 its units feed

@@ -6,6 +6,8 @@ computes in the model's dtype and on its device, in ``eval()`` mode (the caller'
 and returns a Python ``float``. Stochastic measures take ``seed=`` and, with
 ``return_stderr=True``, return ``(value, standard_error)``. A measure that needs the run's
 initial weights takes ``init_model=`` (:func:`flatness.suite.measure_run` rebuilds and passes it).
+The Hessian-based measures and relative flatness take ``layer=`` (an index into
+:func:`flatness.reparam.weight_layers`); :func:`layer_profile` tabulates them measure × layer.
 """
 
 from flatness.measures.curvature import (
@@ -23,6 +25,7 @@ from flatness.measures.norms import (
     weight_norm,
 )
 from flatness.measures.pacbayes import pacbayes_magnitude_sigma, pacbayes_sigma
+from flatness.measures.profile import LAYER_MEASURES, layer_profile
 from flatness.measures.relative import (
     relative_flatness,
     relative_flatness_col,
@@ -60,4 +63,4 @@ MEASURES = {
 #: sharpness. Analyses flip their sign so that "sharper" always points the same way.
 HIGHER_IS_FLATTER = frozenset({"pacbayes_sigma", "pacbayes_magnitude_sigma"})
 
-__all__ = sorted(MEASURES) + ["MEASURES", "HIGHER_IS_FLATTER"]
+__all__ = sorted(MEASURES) + ["MEASURES", "HIGHER_IS_FLATTER", "LAYER_MEASURES", "layer_profile"]

@@ -27,6 +27,7 @@ from flatness.ggn import ggn_trace, piecewise_linear_offender
 from flatness.hutchinson import adaptive_hutchpp_trace, hutchpp_trace
 from flatness.hvp import DEFAULT_GRAPH_BUDGET, HessianOperator
 from flatness.lanczos import DEFAULT_METHOD, METHODS, top_eigenvalues
+from flatness.reparam import weight_layer
 
 #: Parameter counts up to which ``hessian_trace`` is exact (n HVPs with basis vectors).
 EXACT_TRACE_MAX_PARAMS = 2000
@@ -47,6 +48,12 @@ def _operator(model, data, loss_fn, params, chunk_size, graph_budget_bytes) -> H
         chunk_size=chunk_size,
         graph_budget_bytes=graph_budget_bytes,
     )
+
+
+def _layer_weight(model: nn.Module, layer: int | None) -> list[Tensor] | None:
+    """``[W_l]``, the weight of weight layer ``layer`` of :func:`flatness.reparam.weight_layers`
+    (negative counts from the end); ``None`` (all parameters) when ``layer`` is ``None``."""
+    return None if layer is None else [weight_layer(model, layer)[2].weight]
 
 
 def _lambda_max(op: HessianOperator, scale: Tensor | None, tol, seed, method) -> float:
@@ -100,6 +107,7 @@ def hessian_max_eigenvalue(
     *,
     loss_fn=None,
     params=None,
+    layer: int | None = None,
     tol: float = 1e-4,
     seed: int = 0,
     method: str = DEFAULT_METHOD,
@@ -107,6 +115,12 @@ def hessian_max_eigenvalue(
     graph_budget_bytes: int = DEFAULT_GRAPH_BUDGET,
 ) -> float:
     """Largest *algebraic* eigenvalue of H = ∇²L (mean loss), all parameters by default.
+
+    ``layer`` (an index into :func:`flatness.reparam.weight_layers`, negative from the end):
+    λ_max(H_ll) of the diagonal block of that layer's *weight* W_l (bias excluded), the loss
+    still that of the whole network; ``params`` (a list of parameter tensors) picks any other
+    subset. Not both. Under Dinh's α on layers (l, l+1) the exact transform H' = Λ⁻¹HΛ⁻¹ gives
+    λ_max(H'_ll) = α² λ_max(H_ll) and λ_max(H'_{l+1,l+1}) = α⁻² λ_max(H_{l+1,l+1}).
 
     Lanczos (``method="lanczos"``) or ARPACK (``"eigsh"``), relative tolerance ``tol``. Not
     reparameterisation-invariant (METHODS.md §5: ×9.3 layer-wise, ×3.3 neuron-wise on the
@@ -119,6 +133,10 @@ def hessian_max_eigenvalue(
     >>> round(hessian_max_eigenvalue(lin, (X, torch.zeros(2, dtype=torch.float64)), loss_fn=mse), 10)
     4.0
     """
+    if layer is not None and params is not None:
+        raise ValueError("give params= or layer=, not both")
+    if layer is not None:
+        params = _layer_weight(model, layer)
     op = _operator(model, data, loss_fn, params, chunk_size, graph_budget_bytes)
     return _lambda_max(op, None, tol, seed, method)
 
@@ -128,6 +146,7 @@ def hessian_trace(
     data,
     *,
     loss_fn=None,
+    layer: int | None = None,
     rel_stderr: float = 0.02,
     num_probes: int | None = None,
     seed: int = 0,
@@ -138,7 +157,10 @@ def hessian_trace(
     graph_budget_bytes: int = DEFAULT_GRAPH_BUDGET,
     method: str = "auto",
 ):
-    """Tr H = Tr ∇²L (mean loss), all parameters.
+    """Tr H = Tr ∇²L (mean loss), all parameters; with ``layer`` (an index into
+    :func:`flatness.reparam.weight_layers`, negative from the end) Tr H_ll of the diagonal
+    block of that layer's weight W_l (bias excluded). ``exact_max_params`` and the Hutch++
+    dimension then count W_l's entries; ``"ggn_exact"`` is exact for any diagonal block.
 
     ``method`` (one of :data:`TRACE_METHODS`):
 
@@ -186,9 +208,16 @@ def hessian_trace(
             raise ValueError(
                 "method='ggn_exact' needs the default softmax cross-entropy (loss_fn=None)"
             )
-        value = ggn_trace(model, data, chunk_size=chunk_size)
+        if layer is None:
+            value = ggn_trace(model, data, chunk_size=chunk_size)
+        else:
+            value = ggn_trace(
+                model, data, chunk_size=chunk_size, layer=weight_layer(model, layer)[2]
+            )
         return (value, 0.0) if return_stderr else value
-    op = _operator(model, data, loss_fn, None, chunk_size, graph_budget_bytes)
+    op = _operator(
+        model, data, loss_fn, _layer_weight(model, layer), chunk_size, graph_budget_bytes
+    )
     n = op.num_params
     if method == "auto":
         method = "dense" if num_probes is None and n <= exact_max_params else "hutchpp"
@@ -221,6 +250,7 @@ def quotient_sharpness(
     data,
     *,
     loss_fn=None,
+    layer: int | None = None,
     normalized: bool = False,
     epsilon: float | None = None,
     tol: float = 1e-4,
@@ -239,6 +269,11 @@ def quotient_sharpness(
     code reports the largest magnitude). Invariant under any per-tensor positive rescaling at any θ;
     *not* under neuron-wise rescaling (a documented limitation). ``normalized=True`` returns
     λ_R/(2(1 + L)) with L the mean loss on ``data``, times ε² when ``epsilon`` is given.
+
+    ``layer`` (an index into :func:`flatness.reparam.weight_layers`, negative from the end):
+    the same on the diagonal block of that layer's weight W_l alone (bias excluded), i.e.
+    ‖W_l‖_F² λ_max(H_ll); invariant under every rescaling that scales W_l as a whole
+    (layer-wise, Dinh α), not under neuron-wise rescaling of W_l's rows or columns.
     """
     if epsilon is not None:
         if not normalized:
@@ -246,7 +281,9 @@ def quotient_sharpness(
         if not (math.isfinite(float(epsilon)) and float(epsilon) > 0):
             raise ValueError(f"epsilon must be a finite positive number, got {epsilon}")
     _check_solver(method, tol)
-    op = _operator(model, data, loss_fn, None, chunk_size, graph_budget_bytes)
+    op = _operator(
+        model, data, loss_fn, _layer_weight(model, layer), chunk_size, graph_budget_bytes
+    )
     D = _tensor_norm_scale(op.params)
     lam = _lambda_max(op, D, tol, seed, method)
     if not normalized:

@@ -14,6 +14,9 @@ For softmax cross-entropy (``loss_fn=None``) each has an O(N·d·m) closed form 
 logit Hessian A_i = diag(p_i) − p_i p_iᵀ; for any other loss the exact layer Hessian is built with
 ``torch.func.hessian`` (or, for κ^φ_Tr on large heads, estimated by Hutchinson). All of them need
 the model's output to be the output of its last ``nn.Linear`` (f = that layer, g = identity).
+
+``relative_flatness(..., layer=l)`` takes any hidden ``nn.Linear`` instead: φ = its input, W = its
+weight, H = ∇²_{W_l} L of the whole network's loss (:func:`_relative_flatness_hidden`).
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from flatness.batches import Batches, LossFn, check_finite, eval_mode, loss_reduction, loss_term
+from flatness.ggn import _sample_weights, piecewise_linear_offender
 from flatness.hutchinson import rademacher
+from flatness.hvp import HessianOperator
 from flatness.lastlayer import (
     check_head_output,
     features_and_logits,
@@ -33,6 +38,7 @@ from flatness.lastlayer import (
     kappa_tr_ce_per_sample,
     last_linear,
 )
+from flatness.reparam import weight_layer
 
 #: Largest d·m for which ``method="auto"`` builds the exact (d·m)² layer Hessian (200 MB in
 #: float64 at 5000); above it κ^φ_Tr uses Hutchinson (METHODS.md §3.2).
@@ -97,7 +103,12 @@ def _collect_head(model: nn.Module, data) -> _Head:
 def _feature_scale(head: _Head) -> Tensor:
     """Per-unit scale s_j of the canonicalisation: the population std of φ_j over all samples;
     for a constant unit its |value| (the RMS); 0 for a unit that is 0 on every sample."""
-    phi = torch.cat(head.phis)
+    return _unit_scale(head.phis)
+
+
+def _unit_scale(phis: list[Tensor]) -> Tensor:
+    """:func:`_feature_scale` of per-batch features (n_b, m)."""
+    phi = torch.cat(phis)
     std = phi.std(dim=0, correction=0)
     rms = phi.square().mean(dim=0).sqrt()
     return torch.where(std > 0, std, rms)
@@ -190,6 +201,7 @@ def relative_flatness(
     data,
     *,
     loss_fn: LossFn | None = None,
+    layer: int | None = None,
     normalize_features: bool = False,
     divide_by_m: bool = False,
     method: str = "auto",
@@ -220,6 +232,18 @@ def relative_flatness(
     invariant to neuron-wise rescaling of the feature layer.
     ``return_stderr=True`` returns ``(κ, stderr)``; the stderr is 0 except for Hutchinson.
 
+    ``layer`` (an index into :func:`flatness.reparam.weight_layers`, negative from the end;
+    default: the last ``nn.Linear``, the routes above): the feature layer φ_l = the input of
+    that weight layer, which must be an ``nn.Linear`` reading one feature vector per sample, and
+    W = W_l, H = ∇²_{W_l} L of the whole network's loss (Petzka et al. define κ for any layer).
+    The closed form above holds only for the last layer; a hidden layer goes through
+    :func:`_relative_flatness_hidden` (its own ``"closed_form"`` for cross-entropy on a
+    piecewise-linear net, else Hessian-vector products). An index naming the last ``nn.Linear``
+    gives exactly the default. κ_l is invariant under every rescaling that leaves W_l alone or
+    scales it as a whole (layer-wise, Dinh α) and under neuron-wise rescaling of layer l's own
+    units (its rows); neuron-wise rescaling of the units of φ_l (W_l's columns) changes it
+    unless ``normalize_features=True``.
+
     >>> import torch
     >>> net = torch.nn.Linear(2, 2, bias=False).double()
     >>> _ = torch.nn.init.eye_(net.weight)
@@ -227,6 +251,15 @@ def relative_flatness(
     >>> relative_flatness(net, (X, y))  # ‖φ‖² · tr(W Wᵀ A) with p = (½, ½): 2 · ½
     1.0
     """
+    if layer is not None:
+        module = weight_layer(model, layer)[2]
+        if module is not last_linear(model):
+            value, stderr = _relative_flatness_hidden(
+                model, data, module, loss_fn, normalize_features, method, num_probes, seed
+            )
+            m = module.weight.shape[1]
+            scale = 1.0 / m if divide_by_m else 1.0
+            return (value * scale, stderr * scale) if return_stderr else value * scale
     with eval_mode(model):
         head = _collect_head(model, data)
         if normalize_features:
@@ -260,6 +293,158 @@ def relative_flatness(
     scale = 1.0 / m if divide_by_m else 1.0
     value = _finish(kappa * scale, "relative flatness")
     return (value, float(stderr) * scale) if return_stderr else value
+
+
+def _layer_inputs(model: nn.Module, batches: Batches, module: nn.Module) -> list[Tensor]:
+    """The input φ of ``module`` per batch, (n_b, m), without a graph."""
+    phis = []
+    with torch.no_grad():
+        for X, _ in batches:
+            phis.append(_run_capturing(model, X, module)[0])
+    return phis
+
+
+def _run_capturing(model: nn.Module, X: Tensor, module: nn.Module):
+    """``(φ, u, output)``: one forward pass with ``module``'s output replaced by a leaf ``u`` that
+    requires grad (so ∂output/∂u exists even for a frozen model), φ its input (n, m)."""
+    captured: list[tuple[Tensor, Tensor]] = []
+
+    def swap(mod, inp, out):
+        u = out.detach().requires_grad_(torch.is_grad_enabled())
+        captured.append((inp[0].detach(), u))
+        return u.clone()  # an in-place activation after the layer must not write into the leaf
+
+    handle = module.register_forward_hook(swap)
+    try:
+        out = model(X)
+    finally:
+        handle.remove()
+    if len(captured) != 1:
+        raise ValueError(
+            f"weight layer {type(module).__name__} was called {len(captured)} times in one forward "
+            "pass; relative flatness needs it applied exactly once"
+        )
+    phi, u = captured[0]
+    if phi.dim() != 2 or phi.shape[0] != X.shape[0]:
+        raise ValueError(
+            f"the layer's input has shape {tuple(phi.shape)} for {X.shape[0]} samples; relative "
+            "flatness of a layer needs one feature vector per sample (a 2-D input)"
+        )
+    check_finite(out.detach().sum(), "model output")
+    return phi, u, out
+
+
+def _resolve_hidden_method(
+    method: str, loss_fn: LossFn | None, model: nn.Module, hvps: int, num_probes: int
+) -> str:
+    """The route for a hidden layer: ``"closed_form"`` (CE, piecewise-linear net), ``"exact"``
+    (``hvps`` Hessian-vector products) or ``"hutchinson"``; ``"auto"`` takes the closed form when
+    it applies, else the exact route when it needs no more products than ``num_probes``."""
+    loss_reduction(loss_fn)
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    why = "loss_fn is not None" if loss_fn is not None else piecewise_linear_offender(model)
+    if method == "closed_form" and why is not None:
+        raise ValueError(
+            "method='closed_form' on a hidden layer needs the softmax cross-entropy "
+            f"(loss_fn=None) and a piecewise-linear network: {why}"
+        )
+    if method != "auto":
+        return method
+    if why is None:
+        return "closed_form"
+    return "exact" if hvps <= num_probes else "hutchinson"
+
+
+def _relative_flatness_hidden(
+    model: nn.Module,
+    data,
+    module: nn.Module,
+    loss_fn: LossFn | None,
+    normalize_features: bool,
+    method: str,
+    num_probes: int,
+    seed: int,
+) -> tuple[float, float]:
+    """κ^φ_Tr of a hidden ``nn.Linear`` W = W_l (d×m) reading φ_l, with H = ∇²_{W_l} L.
+
+    .. math::
+        κ_l = \\sum_{s,s'} ⟨w_s, w_{s'}⟩ \\operatorname{Tr} H_{s,s'}
+            = \\sum_{k,t} ⟨U_{kt}, H U_{kt}⟩,\\quad U_{kt} = L_{:k} e_t^⊤,\\ L L^⊤ = W W^⊤
+
+    Routes: ``"closed_form"`` (softmax CE on a piecewise-linear net, where the logits are
+    piecewise linear in W_l, so H_ll is exactly its Gauss–Newton block
+    (1/N) Σ_i J_iᵀ A_i J_i with J_i = B_i ⊗ φ_iᵀ, B_i = ∂z_i/∂u_i, u = W_l φ + b):
+    κ_l = Σ_i w_i ‖φ_i‖² Σ_c p_ic ‖W_lᵀ B_iᵀ(e_c − p_i)‖², one backward pass per class from the
+    logits to u; ``"exact"``: m·min(d, m) HVPs with the U_kt above (L = Rᵀ from a thin QR of Wᵀ);
+    ``"hutchinson"``: the mean of ⟨WZ, H[WZ]⟩ over ``num_probes`` Rademacher m×m Z. The HVPs are
+    those of :class:`flatness.hvp.HessianOperator` restricted to W_l, through the whole network.
+    With ``normalize_features`` the same on the std-normalised pair (φ/s, W·s), i.e. H's columns
+    scaled by 1/s. Returns ``(κ, stderr)``, the stderr 0 except for Hutchinson.
+    """
+    if not isinstance(module, nn.Linear):
+        raise ValueError(
+            f"relative flatness of a layer needs an nn.Linear (W reading a feature vector), "
+            f"got {type(module).__name__}"
+        )
+    with eval_mode(model):
+        batches = Batches.for_model(data, model)
+        W = module.weight.detach()
+        d, m = W.shape
+        s = inv = None
+        if normalize_features:
+            s = _unit_scale(_layer_inputs(model, batches, module))
+            inv = torch.where(s > 0, 1 / s, torch.zeros_like(s))
+        Ws = W if s is None else W * s  # W̃ = W S; φ̃ = φ S⁻¹
+        k = min(d, m)
+        route = _resolve_hidden_method(method, loss_fn, model, k * m, num_probes)
+        stderr = torch.zeros((), dtype=W.dtype)
+        if route == "closed_form":
+            kappa = torch.zeros((), dtype=W.dtype, device=W.device)
+            for X, y in batches:
+                with torch.enable_grad():
+                    phi, u, logits = _run_capturing(model, X, module)
+                    w = _sample_weights(logits, y, batches.num_samples)
+                    p = torch.softmax(logits.detach(), dim=1)
+                    root = (w[:, None] * p).clamp_min(0).sqrt()  # √(w_i p_ic)
+                    phi_sq = (phi * phi).sum(1) if inv is None else (phi * inv).square().sum(1)
+                    for c in range(logits.shape[1]):
+                        cot = -root[:, c : c + 1] * p  # √(w_i p_ic)(e_c − p_i)
+                        cot[:, c] += root[:, c]
+                        (delta,) = torch.autograd.grad(
+                            logits, u, grad_outputs=cot, retain_graph=True, allow_unused=True
+                        )
+                        if delta is not None:  # (n, d): √(w_i p_ic) B_iᵀ(e_c − p_i)
+                            kappa = kappa + (phi_sq * (delta @ Ws).square().sum(1)).sum()
+                del logits, u
+        else:
+            col = torch.ones(m, dtype=W.dtype, device=W.device) if inv is None else inv
+            op = HessianOperator(model, batches, params=[module.weight], loss_fn=loss_fn)
+
+            def quad(V: Tensor) -> Tensor:  # ⟨V, H̃V⟩ = ⟨V S⁻¹, H[V S⁻¹]⟩
+                v = (V * col).reshape(-1)
+                return v @ op.matvec(v)
+
+            with op:
+                if route == "exact":
+                    R = torch.linalg.qr(Ws.T, mode="reduced").R  # Ws = Rᵀ Qᵀ: W̃W̃ᵀ = Rᵀ R
+                    L = R.T  # (d, k)
+                    kappa = torch.zeros((), dtype=W.dtype, device=W.device)
+                    for j in range(k):
+                        for t in range(m):
+                            V = torch.zeros_like(W)
+                            V[:, t] = L[:, j]
+                            kappa = kappa + quad(V)
+                elif route == "hutchinson":
+                    if num_probes < 2:
+                        raise ValueError(f"num_probes must be at least 2, got {num_probes}")
+                    g = torch.Generator().manual_seed(int(seed))
+                    samples = torch.stack(
+                        [quad(Ws @ rademacher(m, m, g, device=W.device, dtype=W.dtype))
+                         for _ in range(num_probes)]
+                    )  # fmt: skip
+                    kappa, stderr = samples.mean(), samples.std() / num_probes**0.5
+    return _finish(kappa, "relative flatness"), float(stderr)
 
 
 def relative_flatness_max(
