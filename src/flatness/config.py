@@ -81,9 +81,10 @@ class RunConfig:
     epochs: int = 20  # maximum number of epochs (the cap when target_train_loss is set)
     target_train_loss: float | None = None  # stop once the full training CE is ≤ this
     # Keskar et al.'s "until the loss function ceased to improve": stop after this many epochs
-    # without a new best full training CE (better by the relative margin below); None = never.
+    # without a new best full training CE (better by the margin below); None = never.
     plateau_patience: int | None = None
-    plateau_rel_delta: float = 0.01  # a new best must be below best × (1 − this)
+    # An absolute margin: a relative one never fires while the loss decays geometrically to 0.
+    plateau_min_delta: float = 1e-3  # a new best must be below best − this
     seed: int = 0  # model init, data order, augmentation and regulariser randomness
     checkpoint_every: int = 1  # epochs between resume checkpoints
     deterministic: bool = False  # torch deterministic algorithms (GPU bitwise reproducibility)
@@ -124,9 +125,9 @@ _POSITIVE = {
     "data.n_train",
     "data.n_test",
 }
-_BELOW_ONE = {"model.dropout", "data.test_fraction", "plateau_rel_delta"}
+_BELOW_ONE = {"model.dropout", "data.test_fraction"}
 _NON_NEGATIVE = {
-    "plateau_rel_delta",
+    "plateau_min_delta",
     "optimizer.momentum",
     "optimizer.weight_decay",
     "regularizer.weight_decay",

@@ -331,10 +331,10 @@ def _train(
 
 def _plateaued(prog: dict[str, Any], train_loss: float, cfg: RunConfig) -> bool:
     """Track the best full training loss; True once ``plateau_patience`` epochs in a row brought
-    no new best (lower by the relative margin ``plateau_rel_delta``). Kept in ``prog`` so a
+    no new best (lower by at least ``plateau_min_delta``). Kept in ``prog`` so a
     resumed run counts on where it stopped."""
     best = prog.get("best_train_loss", math.inf)
-    if train_loss < best * (1.0 - cfg.plateau_rel_delta):
+    if train_loss < best - cfg.plateau_min_delta:
         prog["best_train_loss"], prog["epochs_since_best"] = train_loss, 0
     else:
         prog["epochs_since_best"] = prog.get("epochs_since_best", 0) + 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import numpy as np
@@ -63,14 +64,19 @@ def _setulb_usable() -> bool:
     return _setulb is not None and (_setulb.__doc__ or "").startswith(_SETULB_SIGNATURE)
 
 
-def _one_blas_thread():
-    """A context that runs the BLAS libraries loaded now (scipy's OpenBLAS among them) on one
-    thread, or ``None`` without threadpoolctl. Entered around each ``setulb`` call only, so a
-    BLAS that torch shares is back at its own thread count for the loss evaluations."""
+#: BLAS threading layers whose thread count is the library's own: an OpenMP-threaded OpenBLAS or
+#: BLIS sets the process's OpenMP thread count, which torch reads too, so it is left alone.
+_OWN_THREAD_LAYERS = ["pthreads", "intel", "tbb", "sequential", "disabled"]
+
+
+def _one_blas_thread() -> Callable[[], contextlib.AbstractContextManager]:
+    """A context factory that runs the BLAS libraries loaded now (scipy's OpenBLAS among them) on
+    one thread; a null context without threadpoolctl. Entered around each ``setulb`` call only,
+    so a BLAS that torch shares is back at its own thread count for the loss evaluations."""
     if ThreadpoolController is None:  # pragma: no cover
-        return None
-    blas = ThreadpoolController().select(user_api="blas")
-    return (lambda: blas.limit(limits=1)) if blas.lib_controllers else None
+        return contextlib.nullcontext
+    blas = ThreadpoolController().select(user_api="blas", threading_layer=_OWN_THREAD_LAYERS)
+    return (lambda: blas.limit(limits=1)) if blas.lib_controllers else contextlib.nullcontext
 
 
 def _lbfgsb_box(
@@ -138,13 +144,9 @@ def _lbfgsb_box(
     one_thread = _one_blas_thread()
     nit = 0
     while True:
-        if one_thread is None:  # pragma: no cover
+        with one_thread():
             _setulb(m, x, low, upp, nbd, f, g, factr, pgtol, wa, iwa, task, lsave, isave, dsave,
                     maxls, ln_task)  # fmt: skip
-        else:
-            with one_thread():
-                _setulb(m, x, low, upp, nbd, f, g, factr, pgtol, wa, iwa, task, lsave, isave,
-                        dsave, maxls, ln_task)  # fmt: skip
         if task[0] == 3:  # f and g wanted at x
             if not np.array_equal(x, last_x):
                 np.copyto(last_x, x)
