@@ -99,10 +99,11 @@ def _lbfgsb_box(
     **One BLAS thread inside setulb.** setulb's n-long dot products go through scipy's OpenBLAS,
     which splits them over its threads from n = 10⁴ on; afterwards its idle workers spin for
     ≈ 0.1 s (OpenBLAS's thread timeout, 2²⁸ cycles), i.e. through most of the next loss and
-    gradient evaluation, taking a core from torch: measured on a 670k-parameter MLP (2 cores),
-    the evaluations ran 20–50% slower inside the optimiser than alone, and setulb itself 2× slower
-    than on one thread. So each setulb call runs with the BLAS on one thread (threadpoolctl) and
-    the evaluations with the threads restored. The partial sums of a threaded dot product depend
+    gradient evaluation, taking a core from torch. Measured on a busy 2-core machine: the
+    evaluations ran ≈ 20% slower inside the optimiser than alone (one torch thread), and setulb
+    took 1.8× (670k-parameter MLP) to 8× (62k-parameter LeNet5) as long as on one thread. So each
+    setulb call runs with the BLAS on one thread (threadpoolctl) and the evaluations with the
+    threads restored. The partial sums of a threaded dot product depend
     on the thread count (rounding in the last bits), so the iterates are those of ``minimize``
     with one BLAS thread (bit for bit; tests/test_keskar.py), and no longer depend on the
     machine's core count; against ``minimize`` with threaded BLAS they agree to rounding (the
@@ -197,9 +198,12 @@ def keskar_sharpness(
     taken over every point evaluated, y = 0 included, so the value is ≥ 0.
 
     Cost: ≈ 10–25 loss + gradient evaluations (``maxiter=10``) plus L-BFGS-B's own O(m·n) work
-    per step; scipy's routine is driven directly (``_lbfgsb_box``) with its bounds as numpy arrays,
-    so no Python loop over the n parameters remains. A subspace adds drawing A (n·p Gaussians in
-    float64), A^TA (O(n·p²)) once, and two products with A per evaluation.
+    per step (m = 10: a few passes over its 2·m·n float64 correction pairs, memory-bound; ≈ 45 ms
+    a step, 0.45 s a call, for n = 670k on one core; the same in ``scipy.optimize.minimize``).
+    scipy's routine is driven directly (``_lbfgsb_box``) with its bounds as numpy arrays, so no
+    Python loop over the n parameters remains, and on one BLAS thread, so no idle BLAS worker
+    competes with the evaluations. A subspace adds drawing A (n·p Gaussians in float64), A^TA
+    (O(n·p²)) once, and two products with A per evaluation.
 
     Not reparameterisation-invariant: the +1 makes C_ε only partly scale-aware (METHODS.md §5).
     Deterministic for a given ``seed``. ``return_stderr=True`` returns ``(value, nan)``: one
