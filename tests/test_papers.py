@@ -18,7 +18,8 @@ from tests.test_schema import PAPER_CONFIGS, SCHEMA
 
 def _runs(rows):
     base = dict(dataset="mnist5k", model="mlp", optimizer="adam", regularizer="none", lr=0.001,
-                status="ok", train_acc=0.99, test_acc=0.97, gap_loss=0.1, gap_acc=0.02)  # fmt: skip
+                status="ok", train_acc=0.99, test_acc=0.97, gap_loss=0.1, gap_acc=0.02,
+                train_loss=0.01)  # fmt: skip
     out = pd.DataFrame([{**base, **r} for r in rows])
     out["run_id"] = [
         f"{r.dataset}-{r.model}-{r.optimizer}-{r.regularizer}-bs{r.batch_size}-lr{r.lr}-s{r.seed}"
@@ -95,6 +96,7 @@ def test_keskar_table_recomputed_and_the_magnitude_claim():
     assert row["copy/original under dinh_alpha10 (median)"] == pytest.approx(7.0)
     assert t.loc["quotient_sharpness", "copy/original under dinh_alpha10 (median)"] == 1.0
     assert t.loc["test_acc", "ours SB 16 (mean)"] == pytest.approx(100 * sb.test_acc.mean())
+    assert t.loc["train_loss", "ours LB 400 (mean)"] == pytest.approx(0.01)  # not in %
     outcomes = {v.claim: v.outcome for v in res.verdicts}
     assert outcomes[
         "Large-batch minima are 1–2 orders of magnitude sharper (Table 3, ε = 1e-3)"

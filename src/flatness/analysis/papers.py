@@ -256,7 +256,12 @@ def keskar(runs, long, alpha=0.05, n_resamples=2000, seed=0) -> PaperResult:
     sb, lb = _batch_groups(ok)
     dinh = _first_variant(long, "dinh_alpha")
     rows, verdicts = [], []
-    for col, what, where in [*KESKAR_ROWS, *((m, m, "ours only") for m in KESKAR_OURS_ONLY)]:
+    # The final training loss beside Table 2: the stopping rule decides it, and sharpness
+    # depends on how far each solution was trained.
+    loss_row = [("train_loss", "final training loss (mean CE)", "ours only")] * ("train_loss" in ok)
+    rows_spec = [*KESKAR_ROWS[:2], *loss_row, *KESKAR_ROWS[2:],
+                 *((m, m, "ours only") for m in KESKAR_OURS_ONLY)]  # fmt: skip
+    for col, what, where in rows_spec:
         scale = 100.0 if col.endswith("_acc") else 1.0
         g = two_groups(
             scale * ok.loc[ok.batch_size == sb, col], scale * ok.loc[ok.batch_size == lb, col],
