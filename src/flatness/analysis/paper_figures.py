@@ -16,7 +16,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from flatness.analysis.papers import KESKAR_F1, _batch_groups, _first_variant, _ok  # noqa: E402
+from flatness.analysis.papers import (  # noqa: E402
+    KESKAR_F1,
+    _batch_groups,
+    _first_variant,
+    _ok,
+    variant_table,
+)
 from flatness.paper_specs import KESKAR_ROWS, PETZKA_MEASURES, RANGAMANI_ROWS  # noqa: E402
 from flatness.plotting import log_axis, positive  # noqa: E402
 from flatness.suite import ORIGINAL  # noqa: E402
@@ -109,9 +115,7 @@ def petzka_figure(runs, long, interpolation, path, gap: str = "gap_loss") -> Non
     batches = sorted(ok["batch_size"].unique())
     colors = dict(zip(batches, plt.cm.viridis(np.linspace(0, 0.9, len(batches))), strict=True))
     for j, m in enumerate(PETZKA_MEASURES):
-        wide = long[long["measure"] == m].pivot_table(
-            index="run_id", columns="variant", values="value", dropna=False
-        ).reindex(ok.index)  # fmt: skip
+        wide = variant_table(long, m).reindex(ok.index)
         for i, variant in enumerate(variants):
             ax = axes[i, j]
             x = wide[variant] if variant in wide else pd.Series(np.nan, index=ok.index)

@@ -212,11 +212,16 @@ def _ok(runs: pd.DataFrame) -> pd.DataFrame:
     return runs[runs["status"] == "ok"] if "status" in runs else runs
 
 
-def _copy_ratio(long: pd.DataFrame, measure: str, variant: str) -> float:
-    """Median over runs of (value on ``variant`` copy) / (value on the original), joined on run id."""
-    m = long[long["measure"] == measure].pivot_table(
+def variant_table(long: pd.DataFrame, measure: str) -> pd.DataFrame:
+    """One measure's values, a row per run id and a column per variant (joined on run id)."""
+    return long[long["measure"] == measure].pivot_table(
         index="run_id", columns="variant", values="value", dropna=False
     )
+
+
+def _copy_ratio(long: pd.DataFrame, measure: str, variant: str) -> float:
+    """Median over runs of (value on ``variant`` copy) / (value on the original), joined on run id."""
+    m = variant_table(long, measure)
     if variant not in m or ORIGINAL not in m:
         return math.nan
     r = (m[variant] / m[ORIGINAL]).replace([np.inf, -np.inf], np.nan).dropna()
@@ -385,9 +390,7 @@ def petzka(runs, long, alpha=0.05, n_resamples=2000, seed=0, gap="gap_loss") -> 
     gaps = ok.set_index("run_id")[gap]
     rows, verdicts = [], []
     for m in PETZKA_MEASURES:
-        wide = long[long["measure"] == m].pivot_table(
-            index="run_id", columns="variant", values="value", dropna=False
-        ).reindex(gaps.index)  # joined on run id
+        wide = variant_table(long, m).reindex(gaps.index)  # joined on run id
         res = {}
         for variant in (ORIGINAL, copy):
             c = correlation(wide[variant], gaps, n_resamples, seed)
