@@ -27,6 +27,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/measure.smk"
 include: "workflow/rules/analyze.smk"
+include: "workflow/rules/curvature.smk"
 include: "workflow/rules/report.smk"
 
 

@@ -246,6 +246,26 @@ def test_seed_summary_mean_and_std_over_seeds():
     assert lone["seeds"] == 1 and lone["m_mean"] == 33 and math.isnan(lone["m_std"])
 
 
+def test_seed_summary_carries_each_means_measurement_error_joined_by_run_id():
+    runs = grid_runs(lambda bs, reg, s: bs + s, lambda bs, reg, s: 0.1 * s)
+    for col in ("train_loss", "test_loss", "train_acc", "test_acc", "epochs"):
+        runs[col] = 1.0
+    rows = []
+    for i, r in enumerate(runs.itertuples()):  # each run's own se, listed in reverse order
+        for variant in ("original", "dinh_alpha10"):
+            rows.append(dict(run_id=r.run_id, measure="m", variant=variant, data_se=0.3 * i,
+                             seed_sd=0.4 * i if variant == "original" else 99.0))  # fmt: skip
+    long = pd.DataFrame(rows[::-1])
+    table = an.seed_summary(runs, ["m"], long).set_index(["regularizer", "batch_size"])
+    ses = {r.run_id: 0.5 * i for i, r in enumerate(runs.itertuples())}  # √(0.3² + 0.4²)·i
+    group = runs[(runs.regularizer == "sam") & (runs.batch_size == 1024)]
+    expected = math.sqrt(sum(ses[r] ** 2 for r in group.run_id)) / len(group)
+    assert table.loc[("sam", 1024), "m_meas_se"] == pytest.approx(expected)
+    # without error bars (all NaN, or no long table) there is no such column
+    assert "m_meas_se" not in an.seed_summary(runs, ["m"], long.assign(data_se=np.nan)).columns
+    assert "m_meas_se" not in an.seed_summary(runs, ["m"]).columns
+
+
 def test_psi_sentence_of_a_flatness_measure_says_which_sign_agrees():
     runs = grid_runs(lambda bs, reg, s: bs + REG[reg], lambda bs, reg, s: bs - 0.1 * REG[reg])
     runs["pacbayes_sigma"] = runs["m"]

@@ -303,3 +303,13 @@ def test_two_stage_bad_arguments():
     small = spd(n=5)  # the sketch spans R^n: exact, no pilot
     res = adaptive_hutchpp_trace(lambda v: small @ v, 5, torch.Generator())
     assert res.value == pytest.approx(float(torch.trace(small)), rel=1e-12) and res.stderr == 0.0
+
+
+def test_slq_trace_of_ignores_the_padding_of_an_early_lanczos_stop():
+    """diag(1, 1, 3, 3), 4 steps: the Krylov space of any probe is 2-dimensional, so Lanczos ends
+    after 2 and pads with node 0, weight 0. A Rademacher probe puts mass ½ on each eigenspace, so
+    tr log A = log 9 exactly; the padding must not turn it into NaN (log 0 · 0)."""
+    A = torch.diag(torch.tensor([1.0, 1.0, 3.0, 3.0], dtype=torch.float64))
+    dens = slq_spectral_density(lambda v: A @ v, 4, 3, 4, torch.Generator().manual_seed(0))
+    assert (dens.weights == 0).any()
+    assert dens.trace_of(torch.log) == pytest.approx(math.log(9.0), rel=1e-10)

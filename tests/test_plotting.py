@@ -58,3 +58,36 @@ def test_the_old_minor_labels_did_overlap():
 
 def test_positive():
     assert positive([1.0, 2.0, float("nan")]) and not positive([1.0, 0.0]) and not positive([])
+
+
+def test_measures_by_batch_draws_each_runs_own_interval(tmp_path):
+    import numpy as np
+    import pandas as pd
+
+    from flatness.plotting import measures_by_batch
+
+    runs = pd.DataFrame(
+        [dict(run_id=f"r-{reg}-bs{bs}-s{s}", regularizer=reg, batch_size=bs, seed=s,
+              status="ok", m=float(bs + s + 100 * (reg == "sam"))) for reg in ("none", "sam")
+         for bs in (32, 1024)
+         for s in (0, 1)]  # fmt: skip
+    )
+    runs.loc[0, "status"] = "diverged"
+    long = pd.DataFrame(
+        [dict(run_id=r.run_id, measure="m", variant=v, value=r.m,
+              ci_low=r.m - 1 - r.seed, ci_high=r.m + 2) for r in runs.itertuples()
+         for v in ("original", "dinh_alpha10")]  # fmt: skip
+    ).sample(frac=1, random_state=0)  # shuffled: the bars must follow run ids, not positions
+    fig = measures_by_batch(runs.sample(frac=1, random_state=1), long, tmp_path / "f.png")
+    assert (tmp_path / "f.png").stat().st_size > 5000
+    ax = fig.axes[0]
+    points = {}
+    for container in ax.containers:  # one errorbar container per run
+        (x,), (y,) = container.lines[0].get_data()
+        segs = container.lines[2][0].get_segments()
+        points[float(y)] = (segs[0][0][1], segs[0][1][1])
+    ok = runs[runs.status == "ok"]
+    assert len(points) == len(ok) == 7
+    for r in ok.itertuples():
+        lo, hi = points[r.m]
+        assert np.isclose(lo, r.m - 1 - r.seed) and np.isclose(hi, r.m + 2)

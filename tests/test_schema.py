@@ -123,6 +123,11 @@ BAD = {
         ("models", "mlp"), {"name": "lenet5", "head_widths": [4]}, "head_widths"
     ),
     "unknown measure": (("measure", "measures"), [{"function": "flatness_9000"}], "flatness_9000"),
+    "per-layer measure without layer=": (
+        ("layer_profile", "measures"), ["keskar_sharpness"], "keskar_sharpness"
+    ),
+    "negative trajectory epoch": (("trajectory", "epochs"), [-1], "-1"),
+    "one error-bar fold": (("measure", "error_bars", "folds"), 1, "folds"),
 }
 
 
@@ -182,6 +187,12 @@ def test_grid_id_and_measure_option_errors_fail_the_dry_run(tmp_path):
     cfg = tiny()
     cfg["measure"]["measures"] = [{"function": "relative_flatness", "options": {"bogus": 1}}]
     assert "measure.measures[0].options.bogus" in _dry_run(tmp_path, cfg)
+    cfg = tiny()
+    cfg["trajectory"]["measures"] = ["fisher_rao"]
+    assert "trajectory.measures names ['fisher_rao']" in _dry_run(tmp_path, cfg)
+    cfg = tiny()
+    cfg["trajectory"]["epochs"] = [0, 40]
+    assert "trajectory.epochs has 40 > training.epochs = 4" in _dry_run(tmp_path, cfg)
 
 
 @pytest.mark.slow

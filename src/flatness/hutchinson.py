@@ -252,7 +252,12 @@ class SpectralDensity:
 
     def trace_of(self, f: Callable[[Tensor], Tensor]) -> float:
         """Estimate of ``tr f(A) = n · mean_probes Σ_j τ_j f(θ_j)``."""
-        return float(self.n * (self.weights * f(self.nodes)).sum(dim=1).mean())
+        # padded entries (a probe whose Lanczos ended early) have weight 0 and node 0: leave
+        # them out rather than evaluate f there (f(0) = -inf for log would make 0·inf = NaN)
+        used = self.weights > 0
+        terms = torch.zeros_like(self.weights)
+        terms[used] = self.weights[used] * f(self.nodes[used])
+        return float(self.n * terms.sum(dim=1).mean())
 
 
 def slq_spectral_density(

@@ -123,6 +123,16 @@ MEASURE_PARAMETERS: dict[str, tuple[str, ...]] = {
 }
 
 
+#: Measures whose value does not depend on the data's values: functions of the weights alone
+#: (:mod:`flatness.measures.norms`; ``path_norm`` reads only the shape of one input,
+#: ``distance_from_init`` the weights and θ₀). Their fold spread is 0 by construction, so
+#: :func:`flatness.suite.measure_model` gives them ``data_se = 0`` without evaluating folds.
+#: ``tests/test_error_bars.py`` checks that each gives the same value on different data.
+DATA_INDEPENDENT: frozenset[str] = frozenset(
+    {"distance_from_init", "path_norm", "spectral_norm_product", "weight_norm"}
+)
+
+
 def parameters(fn: Callable) -> tuple[str, ...]:
     """``fn``'s parameters after ``(model, data)`` as this table writes them."""
     prefix = {inspect.Parameter.VAR_POSITIONAL: "*", inspect.Parameter.VAR_KEYWORD: "**"}

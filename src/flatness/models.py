@@ -231,24 +231,40 @@ def _plain(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def save_model(
-    model: nn.Module, cfg: dict[str, Any], path: str | os.PathLike, run_id: str | None = None
+    model: nn.Module,
+    cfg: dict[str, Any],
+    path: str | os.PathLike,
+    run_id: str | None = None,
+    meta: dict[str, Any] | None = None,
 ) -> None:
-    """Save ``{"state_dict", "model_config", "run_id"}`` atomically (tensors moved to the CPU)."""
+    """Save ``{"state_dict", "model_config", "run_id"}`` atomically (tensors moved to the CPU).
+
+    ``meta`` adds plain entries (a kept snapshot's ``epoch`` and ``config``)."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    atomic_torch_save({"state_dict": state, "model_config": _plain(cfg), "run_id": run_id}, path)
+    blob = {**(meta or {}), "state_dict": state, "model_config": _plain(cfg), "run_id": run_id}
+    atomic_torch_save(blob, path)
 
 
 def load_model(
-    path: str | os.PathLike, map_location=None, expect_run_id: str | None = None
+    path: str | os.PathLike,
+    map_location=None,
+    expect_run_id: str | None = None,
+    expect_epoch: int | None = None,
 ) -> nn.Module:
     """Rebuild a model saved by :func:`save_model` (``weights_only=True``: no code is unpickled),
     in the dtype it was saved in, in ``eval()`` mode. With ``expect_run_id``, a file recorded for
-    another run (or for none) raises ``ValueError``: a stage never measures another run's model."""
+    another run (or for none) raises ``ValueError``: a stage never measures another run's model.
+    ``expect_epoch`` does the same for a snapshot's recorded ``requested_epoch``."""
     blob = torch.load(path, map_location=map_location, weights_only=True)
     if expect_run_id is not None and blob.get("run_id") != expect_run_id:
         raise ValueError(
             f"{path} holds the model of run {blob.get('run_id')!r}, not {expect_run_id!r}; "
             "retrain it (delete the file) so each path holds its own run"
+        )
+    if expect_epoch is not None and blob.get("requested_epoch") != expect_epoch:
+        raise ValueError(
+            f"{path} holds the snapshot for epoch {blob.get('requested_epoch')!r}, "
+            f"not {expect_epoch}; delete it so it is taken again"
         )
     model = build_model(blob["model_config"])
     floats = [v for v in blob["state_dict"].values() if v.is_floating_point()]

@@ -4,8 +4,9 @@ The workflow (``workflow/rules/common.smk``) validates the study config against 
 hands it to :func:`expand_grid`, which returns one :class:`Run` per grid point with its fully
 resolved :class:`flatness.config.RunConfig` dict; :func:`measure_model` takes every configured
 measure on a model and on function-preserving reparameterised copies of it and returns long-format
-rows ``(measure, function, variant, factor, value, stderr, seconds, note)``. Nothing here reads
-files or the ``snakemake`` object, so it is tested without Snakemake.
+rows ``(measure, function, variant, factor, value, stderr, seconds, note)`` plus the optional
+error bars (:data:`ERROR_COLUMNS`, ``measure.error_bars``). Nothing here reads files or the
+``snakemake`` object, so it is tested without Snakemake.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import inspect
 import itertools
 import logging
 import math
+import numbers
 import re
+import statistics
 import time
 import zlib
 from collections.abc import Callable, Mapping, Sequence
@@ -23,7 +26,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from flatness.config import RunConfig
-from flatness.measure_signatures import MEASURE_PARAMETERS, parameters, takes_option
+from flatness.measure_signatures import (
+    DATA_INDEPENDENT,
+    MEASURE_PARAMETERS,
+    parameters,
+    takes_option,
+)
 
 if TYPE_CHECKING:
     # torch is imported in the functions that use it: the workflow builds its DAG with
@@ -43,6 +51,9 @@ SECTIONS = {
     "optimizer": "optimizers",
     "regularizer": "regularizers",
 }
+#: The error-bar columns (:func:`measure_model`, ``measure.error_bars``): on every row, NaN where
+#: not computed (``error_seconds`` 0.0: no extra time was spent).
+ERROR_COLUMNS = ("data_se", "seed_sd", "ci_low", "ci_high", "error_seconds", "error_note")
 #: Columns of the long measure table, in order.
 MEASURE_COLUMNS = (
     "run_id",
@@ -54,8 +65,14 @@ MEASURE_COLUMNS = (
     "stderr",
     "seconds",
     "note",
+    *ERROR_COLUMNS,
 )
 ORIGINAL = "original"
+#: Added to ``measure.seed`` to seed the fold permutation of the error bars: its own stream,
+#: independent of ``measure.subset_seed`` (which drew the subset) and of the measures' seeds.
+FOLD_SEED_OFFSET = 104_729
+#: Two-sided 95% normal quantile of the error bars' interval.
+Z95 = 1.96
 
 
 def format_lr(lr: float) -> str:
@@ -348,7 +365,9 @@ def _call_measure(
     return float(fn(model, data, **kwargs)), math.nan
 
 
-def _row(run_id, spec: MeasureSpec, variant: Variant, value, stderr, seconds, note) -> dict:
+def _row(
+    run_id, spec: MeasureSpec, variant: Variant, value, stderr, seconds, note, errors=None
+) -> dict:
     return dict(
         run_id=run_id,
         measure=spec.label,
@@ -359,7 +378,156 @@ def _row(run_id, spec: MeasureSpec, variant: Variant, value, stderr, seconds, no
         stderr=stderr,
         seconds=seconds,
         note=note,
+        **(errors if errors is not None else _error_columns(value)),
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Error bars: spread over the data (disjoint folds) and over the measures' seeds
+
+
+@dataclass(frozen=True)
+class ErrorBars:
+    """``measure.error_bars``: ``folds`` disjoint parts of the data (0 = off, else ≥ 2) and
+    ``seeds`` seeds of the stochastic measures (1 = off)."""
+
+    folds: int = 0
+    seeds: int = 1
+
+    @property
+    def on(self) -> bool:
+        return self.folds > 0 or self.seeds > 1
+
+
+def error_bar_settings(cfg: Mapping[str, Any] | None) -> ErrorBars:
+    """``measure.error_bars`` checked; a bad setting raises ``ValueError`` naming its key.
+
+    ``folds = 1`` is refused (the schema refuses it too): a standard deviation needs two folds.
+    """
+    cfg = dict(cfg or {})
+    for key in cfg:
+        if key not in ("folds", "seeds"):
+            raise ValueError(f"measure.error_bars.{key} is not a setting (folds, seeds)")
+    folds, seeds = cfg.get("folds", 0), cfg.get("seeds", 1)
+    for key, v in (("folds", folds), ("seeds", seeds)):
+        # 2.0 is an integer to JSON Schema (and so to the config's validation): take it as 2.
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not float(v).is_integer():
+            raise ValueError(f"measure.error_bars.{key} must be an integer, got {v!r}")
+    if folds < 0 or folds == 1:
+        raise ValueError(
+            f"measure.error_bars.folds must be 0 (off) or ≥ 2 (a standard deviation needs two "
+            f"folds), got {folds}"
+        )
+    if seeds < 1:
+        raise ValueError(f"measure.error_bars.seeds must be ≥ 1 (1 = off), got {seeds}")
+    return ErrorBars(int(folds), int(seeds))
+
+
+def data_folds(data, folds: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``folds`` disjoint, equal-size parts of ``data`` by a fixed permutation.
+
+    ``data`` is an ``(X, y)`` pair or an iterable of batches, which is concatenated first (in
+    iteration order; every measure accepts either form and the subset fits in memory). The
+    permutation is seeded by ``seed + FOLD_SEED_OFFSET`` (``seed`` = ``measure.seed``), so it is
+    the same for every run and variant; the ``N mod folds`` samples left over are not used
+    (equal sizes keep the batch-means standard error exact for sample means). Each part keeps
+    the samples' order. More folds than samples raise ``ValueError``.
+    """
+    import torch
+
+    from flatness.batches import Batches
+
+    X, y = Batches(data, chunk_size=None).concatenated()
+    size = X.shape[0] // folds
+    if size == 0:
+        raise ValueError(f"{folds} folds of {X.shape[0]} samples would be empty")
+    g = torch.Generator().manual_seed(int(seed) + FOLD_SEED_OFFSET)
+    parts = torch.randperm(X.shape[0], generator=g)[: folds * size].view(folds, size)
+    out = []
+    for idx in parts:
+        idx = idx.sort().values.to(X.device)
+        out.append((X[idx], y[idx]))
+    return out
+
+
+def _error_columns(
+    value: float,
+    data_se: float = math.nan,
+    seed_sd: float = math.nan,
+    seconds: float = 0.0,
+    note: str = "off",
+) -> dict:
+    # A NaN spread (not computed or failed) leaves no interval: one part alone would be too narrow.
+    if math.isnan(data_se) or math.isnan(seed_sd):
+        half = math.nan
+    else:
+        half = Z95 * math.hypot(data_se, seed_sd)
+    return dict(
+        data_se=data_se,
+        seed_sd=seed_sd,
+        ci_low=value - half,
+        ci_high=value + half,
+        error_seconds=seconds,
+        error_note=note,
+    )
+
+
+def _data_spread(evaluate: Callable, function: str, data, folds: int, seed: int):
+    """(data_se, note): batch-means standard error over ``folds`` disjoint parts."""
+    if function in DATA_INDEPENDENT:
+        return 0.0, "does not depend on the data"
+    if folds == 0:
+        return math.nan, "folds off"
+    try:
+        values = [evaluate(part, seed) for part in data_folds(data, folds, seed)]
+    except ValueError as err:
+        return math.nan, f"folds={folds} failed: {err}"
+    return statistics.stdev(values) / math.sqrt(folds), f"folds={folds}"
+
+
+def _seed_spread(evaluate: Callable, fn: Callable, data, seeds: int, seed: int, value, stderr):
+    """(seed_sd, note): sd over the original seed and ``seeds − 1`` further ones."""
+    if "seed" not in inspect.signature(fn).parameters:
+        return 0.0, "deterministic"
+    # hessian_trace, relative_flatness, ... take a seed but return stderr 0.0 when the method
+    # they chose is exact: the seed is unused, so extra seeds would only cost time.
+    if stderr == 0.0:
+        return 0.0, "deterministic (exact method, stderr 0)"
+    if seeds == 1:
+        return math.nan, "seeds off"
+    try:
+        values = [value] + [evaluate(data, seed + k) for k in range(1, seeds)]
+    except ValueError as err:
+        return math.nan, f"seeds={seeds} failed: {err}"
+    return statistics.stdev(values), f"seeds={seeds}"
+
+
+def _error_bars(
+    fn: Callable,
+    model: nn.Module,
+    data,
+    spec: MeasureSpec,
+    seed: int,
+    init_model: nn.Module | None,
+    bars: ErrorBars,
+    value: float,
+    stderr: float,
+) -> dict:
+    """The error columns of the original model's row; ``value`` and ``stderr`` are its main
+    result (full data, original seed), which the extra evaluations leave as they are."""
+    if not bars.on:
+        return _error_columns(value)
+    if math.isnan(value):
+        return _error_columns(value, note="not computed: the measure gave no value")
+
+    def evaluate(d, s):
+        return _call_measure(fn, model, d, spec.options, s, init_model)[0]
+
+    start = time.perf_counter()
+    seed_sd, seed_note = _seed_spread(evaluate, fn, data, bars.seeds, seed, value, stderr)
+    data_se, data_note = _data_spread(evaluate, spec.function, data, bars.folds, seed)
+    seconds = time.perf_counter() - start
+    return _error_columns(value, data_se, seed_sd, seconds, f"{seed_note}; {data_note}")
 
 
 def measure_model(
@@ -372,6 +540,7 @@ def measure_model(
     dinh_layer: int = -2,
     registry: Mapping[str, Callable] | None = None,
     init_model: nn.Module | None = None,
+    error_bars: Mapping[str, Any] | None = None,
 ) -> list[dict]:
     """Every measure on the model and on each variant copy, as long-format rows.
 
@@ -382,9 +551,35 @@ def measure_model(
     Dinh α on a one-layer net) gives rows with ``value = NaN`` and the reason in ``note``; so does
     a measure that raises ``ValueError`` for this model (e.g. a non-finite result). Other errors
     propagate: a broken measure must fail the job, not hide in a table.
+
+    ``error_bars`` (``{folds, seeds}``, :func:`error_bar_settings`; default off) adds, on the
+    original model's rows, the columns of :data:`ERROR_COLUMNS`; ``value``, ``stderr`` and
+    ``seconds`` stay those of the one full-data, original-seed evaluation.
+
+    - ``data_se``: the measure on each of ``folds`` disjoint equal parts of ``data``
+      (:func:`data_folds`), ``sd(fold values, ddof=1) / sqrt(folds)``, the batch-means standard
+      error of the full-data value. Exact for measures that are means over samples (the Hessian
+      trace, the Fisher–Rao norm, relative flatness, linear in the per-sample Hessians), given
+      a mean-reduced loss; for nonlinear ones (λ_max, the PAC-Bayes σ, ε-sharpness) an
+      approximation: a part's value is not an unbiased sample of the full-data value's noise.
+      0 for the measures in :data:`flatness.measure_signatures.DATA_INDEPENDENT`.
+    - ``seed_sd``: for a measure that takes ``seed``, ``sd(ddof=1)`` of the values at seeds
+      ``seed, seed + 1, …, seed + seeds − 1`` on the full data; 0 ("deterministic") for one
+      that does not take a seed, or that reports stderr 0.0 (an exact method, seed unused).
+    - ``ci_low``, ``ci_high``: ``value ± 1.96·sqrt(data_se² + seed_sd²)``; NaN when either
+      spread is NaN (off, or failed).
+    - ``error_seconds``: the time of the extra evaluations; ``error_note`` what was done, e.g.
+      ``"seeds=3; folds=4"``, ``"deterministic; folds=4"``, ``"off"``.
+
+    An extra evaluation that raises ``ValueError`` leaves that spread NaN with the reason in
+    ``error_note``; other errors propagate. The copies get NaN error columns ("not computed for
+    copies"): the error bars cost ≈ 1× (folds) + (seeds − 1)× the measure, and a copy's
+    spread comes from the same data and seeds as the original's.
     """
     if registry is None:
         from flatness.measures import MEASURES as registry
+    bars = error_bar_settings(error_bars)
+    copy_note = "not computed for copies" if bars.on else "off"
     rows = []
     for index, variant in enumerate(variants):
         if variant.kind == "random_alpha":
@@ -394,22 +589,33 @@ def measure_model(
         except ValueError as err:
             note = f"not applicable: {err}"
             log.info("%s %s: %s", run_id, variant.name, note)
-            rows += [_row(run_id, s, variant, math.nan, math.nan, 0.0, note) for s in specs]
+            errors = _error_columns(math.nan, note=copy_note)
+            rows += [_row(run_id, s, variant, math.nan, math.nan, 0.0, note, errors) for s in specs]
             continue
         for spec in specs:
+            fn = registry[spec.function]
             start = time.perf_counter()
             try:
-                value, stderr = _call_measure(
-                    registry[spec.function], copy, data, spec.options, seed, init_model
-                )
+                value, stderr = _call_measure(fn, copy, data, spec.options, seed, init_model)
                 note = ""
             except ValueError as err:
                 value, stderr, note = math.nan, math.nan, f"not applicable: {err}"
             seconds = time.perf_counter() - start
+            if variant.kind == "original":
+                errors = _error_bars(fn, copy, data, spec, seed, init_model, bars, value, stderr)
+            else:
+                errors = _error_columns(value, note=copy_note)
             log.info(
-                "%s %s %s = %s (%.2f s) %s", run_id, variant.name, spec.label, value, seconds, note
+                "%s %s %s = %s (%.2f s) %s %s",
+                run_id,
+                variant.name,
+                spec.label,
+                value,
+                seconds,
+                note,
+                errors["error_note"],
             )
-            rows.append(_row(run_id, spec, variant, value, stderr, seconds, note))
+            rows.append(_row(run_id, spec, variant, value, stderr, seconds, note, errors))
     return rows
 
 
@@ -417,7 +623,10 @@ def skipped_rows(
     run_id: str, specs: Sequence[MeasureSpec], variants: Sequence[Variant], reason: str
 ) -> list[dict]:
     """NaN rows for a run that is not measured (e.g. diverged), so every run has its rows."""
-    return [_row(run_id, s, v, math.nan, math.nan, 0.0, reason) for v in variants for s in specs]
+    errors = _error_columns(math.nan, note="not measured")
+    return [
+        _row(run_id, s, v, math.nan, math.nan, 0.0, reason, errors) for v in variants for s in specs
+    ]
 
 
 def training_subset(
@@ -431,6 +640,24 @@ def training_subset(
     g = torch.Generator().manual_seed(int(seed))
     idx = torch.randperm(X.shape[0], generator=g)[:n].sort().values.to(X.device)
     return X[idx], y[idx]
+
+
+def measurement_data(
+    model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], measure_cfg: Mapping[str, Any]
+) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    """The model and the samples every measure of a run sees: the fixed training subset of
+    ``measure_cfg`` (``n_samples``, ``subset_seed``), in its ``dtype`` on its ``device``, the
+    model in ``eval()`` mode. One place, so the per-layer profile, the spectrum and the measures
+    along training see exactly what :func:`measure_run` sees."""
+    import torch
+
+    from flatness.train import resolve_device
+
+    dtype = getattr(torch, measure_cfg.get("dtype", "float64"))
+    device = resolve_device(measure_cfg.get("device", "auto"))
+    X, y = training_subset(*train, int(measure_cfg["n_samples"]), int(measure_cfg["subset_seed"]))
+    model = model.to(device=device, dtype=dtype).eval()
+    return model, (X.to(device=device, dtype=dtype), y.to(device))
 
 
 def measure_run(
@@ -447,22 +674,19 @@ def measure_run(
     of the study config. A run whose training ``status`` is not ``ok`` gets NaN rows.
     ``provenance`` is the run's metrics.json block (its ``config`` and ``model_config``): from it
     :func:`flatness.train.initial_model` rebuilds θ₀ for measures that take ``init_model=``
-    (without it they give NaN rows saying so).
+    (without it they give NaN rows saying so). ``measure_cfg["error_bars"]`` (``{folds, seeds}``)
+    goes to :func:`measure_model`; the folds split the measured subset.
     """
     specs = measure_specs(measure_cfg["measures"])
     variants = variants_from_config(measure_cfg)
+    error_bars = measure_cfg.get("error_bars")
+    error_bar_settings(error_bars)  # a bad setting fails every run, measured or not
     if status != "ok":
         return skipped_rows(run_id, specs, variants, f"not measured: training status {status}")
     import torch
 
-    from flatness.train import resolve_device
-
-    dtype = getattr(torch, measure_cfg.get("dtype", "float64"))
-
-    device = resolve_device(measure_cfg.get("device", "auto"))
-    X, y = training_subset(*train, int(measure_cfg["n_samples"]), int(measure_cfg["subset_seed"]))
-    model = model.to(device=device, dtype=dtype).eval()
-    data = (X.to(device=device, dtype=dtype), y.to(device))
+    model, data = measurement_data(model, train, measure_cfg)
+    device, dtype = data[0].device, data[0].dtype
     init_model = None
     takes_init = any("init_model" in MEASURE_PARAMETERS[s.function] for s in specs)
     if provenance is not None and takes_init:
@@ -480,6 +704,7 @@ def measure_run(
         run_id=run_id,
         dinh_layer=int(measure_cfg.get("dinh_layer", -2)),
         init_model=init_model,
+        error_bars=error_bars,
     )
 
 

@@ -19,6 +19,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from tqdm import tqdm
 from flatness.batches import eval_mode
 from flatness.checkpoint import (
     CheckpointError,
+    atomic_torch_save,
     atomic_write_text,
     load_checkpoint,
     rng_states,
@@ -162,6 +164,9 @@ def train_run(
     on_config_change: str = "raise",
     run_id: str | None = None,
     axes: dict[str, Any] | None = None,
+    keep_epochs: Sequence[int] = (),
+    keep_dir: str | os.PathLike | None = None,
+    stop_at_epoch: int | None = None,
 ) -> dict[str, Any]:
     """Train one run and write ``out_dir/model.pt`` and ``out_dir/metrics.json``; return the
     metrics dict. ``resume_dir`` holds the checkpoint (resumed from when present); ``threads`` sets
@@ -175,6 +180,12 @@ def train_run(
     A checkpoint whose config differs (beyond a larger epoch cap or a lower loss target, which
     train on) raises with ``on_config_change="raise"``; ``"restart"`` discards it and trains
     from scratch — what a workflow wants when an edited config reruns the job.
+
+    ``keep_epochs``: the weights after each of these epochs (0 = the initialisation) are kept in
+    ``keep_dir/epoch{E}.pt`` (see :func:`kept_path`), with the run id and config inside, for
+    measuring curvature along training. ``stop_at_epoch`` ends the loop after that epoch as if
+    interrupted there (the lr schedule still spans ``cfg.epochs``): what :func:`snapshot_at`
+    replays.
     """
     if on_config_change not in ("raise", "restart"):
         raise ValueError(f"on_config_change={on_config_change!r}; choose 'raise' or 'restart'")
@@ -189,7 +200,11 @@ def train_run(
         _stop_signals() as stop,
     ):
         identity = {"run_id": run_id, "axes": dict(axes) if axes is not None else None}
-        return _train(cfg, Path(out_dir), resume_dir, device, stop, on_config_change, identity)
+        keep = _Keeper(keep_epochs, keep_dir, cfg, run_id)
+        return _train(
+            cfg, Path(out_dir), resume_dir, device, stop, on_config_change, identity, keep,
+            stop_at_epoch,
+        )  # fmt: skip
 
 
 def initial_model(cfg: RunConfig | dict[str, Any], model_cfg: dict[str, Any]) -> torch.nn.Module:
@@ -207,8 +222,37 @@ def initial_model(cfg: RunConfig | dict[str, Any], model_cfg: dict[str, Any]) ->
     return build_model(dict(model_cfg)).to(dtype=getattr(torch, cfg.dtype))
 
 
+def kept_path(keep_dir: str | os.PathLike, epoch: int) -> Path:
+    """Where the trainer keeps the weights after ``epoch`` epochs."""
+    return Path(keep_dir) / f"epoch{int(epoch)}.pt"
+
+
+@dataclasses.dataclass
+class _Keeper:
+    """Saves the weights after the chosen epochs (a no-op without epochs or a directory)."""
+
+    epochs: Sequence[int]
+    keep_dir: str | os.PathLike | None
+    cfg: RunConfig
+    run_id: str | None
+
+    def __call__(self, model, model_cfg, epoch: int) -> None:
+        if self.keep_dir is None or epoch not in self.epochs:
+            return
+        meta = {"epoch": epoch, "requested_epoch": epoch, "config": self.cfg.to_dict()}
+        save_model(model, model_cfg, kept_path(self.keep_dir, epoch), self.run_id, meta)
+
+
 def _train(
-    cfg: RunConfig, out_dir: Path, resume_dir, device, stop, on_config_change: str, identity
+    cfg: RunConfig,
+    out_dir: Path,
+    resume_dir,
+    device,
+    stop,
+    on_config_change: str,
+    identity,
+    keep: _Keeper,
+    stop_at_epoch: int | None,
 ) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     splits = load_dataset(cfg.data, device, dtype=getattr(torch, cfg.dtype))
@@ -268,8 +312,12 @@ def _train(
             prog["status"], prog["stopped_by"] = "running", None
         log.info("resumed from %s at epoch %d, step %d", resume_dir, prog["epoch"], prog["steps"])
     t0 = time.perf_counter() - prog["elapsed_s"]
+    if ck is None:  # a resumed epoch-0 checkpoint holds mid-epoch weights, not θ₀
+        keep(model, model_cfg, 0)
 
     while prog["status"] == "running" and prog["epoch"] < cfg.epochs:
+        if stop_at_epoch is not None and prog["epoch"] >= stop_at_epoch:
+            break
         lr = lr_at_epoch(cfg.optimizer, base_lr, prog["epoch"], cfg.epochs)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -313,6 +361,8 @@ def _train(
             prog["status"], prog["stopped_by"] = "ok", "plateau"
         elif prog["epoch"] >= cfg.epochs:
             prog["status"], prog["stopped_by"] = "ok", "epochs"
+        if prog["status"] != "diverged":
+            keep(model, model_cfg, prog["epoch"])
         if (
             resume_dir is not None
             and prog["status"] != "diverged"
@@ -321,12 +371,63 @@ def _train(
             checkpoint()
         if stop["signum"] is not None and prog["status"] == "running":
             _interrupt(stop["signum"], resume_dir, checkpoint)
+    if prog["status"] == "running" and stop_at_epoch is not None and prog["epoch"] < cfg.epochs:
+        prog["status"], prog["stopped_by"] = "ok", "stop_at_epoch"
     if prog["status"] == "running":  # resumed with a larger cap already reached, or epochs = 0
         prog["status"], prog["stopped_by"] = "ok", "epochs"
     sizes = {"n_train": int(X_tr.shape[0]), "n_test": int(X_te.shape[0]),
              "batches_per_epoch": len(loader)}  # fmt: skip
     wall = time.perf_counter() - t0
     return _write_outputs(cfg, out_dir, model, model_cfg, prog, wall, device, identity, sizes)
+
+
+def snapshot_at(
+    cfg: RunConfig | dict,
+    epoch: int,
+    path: str | os.PathLike,
+    run_id: str | None = None,
+    axes: dict[str, Any] | None = None,
+    final_model: str | os.PathLike | None = None,
+    trained_epochs: int | None = None,
+    keep_dir: str | os.PathLike | None = None,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """The run's weights after ``epoch`` epochs, written to ``path``; returns where they came from.
+
+    In order: a run that ended before ``epoch`` (``trained_epochs`` < epoch) has no such weights:
+    ``final_model`` is copied and its ``epoch`` says where it stopped. Otherwise the copy the
+    trainer kept in ``keep_dir`` is used when it is there and recorded for this run id and
+    config. Otherwise training is replayed from scratch to ``epoch`` (same seed, same schedule
+    over ``cfg.epochs``): the trainer is deterministic on the CPU (and with ``deterministic:
+    true`` on CUDA), so the replay gives the weights the run had (tests check kept == replayed).
+    The file holds ``epoch`` (reached) and ``requested_epoch``.
+    """
+    import tempfile
+
+    cfg = cfg if isinstance(cfg, RunConfig) else RunConfig.from_dict(cfg)
+    epoch = int(epoch)
+    if final_model is not None and trained_epochs is not None and trained_epochs < epoch:
+        blob = torch.load(final_model, map_location="cpu", weights_only=True)
+        blob.update(epoch=int(trained_epochs), requested_epoch=epoch, config=cfg.to_dict())
+        atomic_torch_save(blob, path)
+        return {"source": "final model", "epoch": int(trained_epochs)}
+    if keep_dir is not None and kept_path(keep_dir, epoch).exists():
+        blob = torch.load(kept_path(keep_dir, epoch), map_location="cpu", weights_only=True)
+        if blob.get("run_id") == run_id and blob.get("config") == cfg.to_dict():
+            atomic_torch_save(blob, path)
+            return {"source": "kept by the trainer", "epoch": epoch}
+        log.warning("%s belongs to another run or config: replaying", kept_path(keep_dir, epoch))
+    with tempfile.TemporaryDirectory() as tmp:
+        metrics = train_run(cfg, Path(tmp) / "out", None, threads, run_id=run_id, axes=axes,
+                            keep_epochs=[epoch], keep_dir=tmp, stop_at_epoch=epoch)  # fmt: skip
+        if kept_path(tmp, epoch).exists():
+            blob = torch.load(kept_path(tmp, epoch), map_location="cpu", weights_only=True)
+        else:  # the replay stopped (loss target, plateau, divergence) before the epoch
+            blob = torch.load(Path(tmp) / "out" / "model.pt", map_location="cpu", weights_only=True)
+            blob.update(epoch=int(metrics["epochs"]), config=cfg.to_dict())
+        blob["requested_epoch"] = epoch
+        atomic_torch_save(blob, path)
+    return {"source": "replayed", "epoch": int(blob["epoch"])}
 
 
 def _plateaued(prog: dict[str, Any], train_loss: float, cfg: RunConfig) -> bool:

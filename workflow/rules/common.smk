@@ -10,6 +10,7 @@ from flatness.suite import (
     variants_from_config,
 )
 from flatness.paper_specs import missing_measures
+from flatness.trajectory import check_curvature, epoch_measure_config
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
@@ -21,6 +22,7 @@ os.makedirs("report", exist_ok=True)
 try:
     RUNS = expand_grid(config)
     MEASURE_SPECS = measure_specs(config["measure"]["measures"])
+    check_curvature(config)
 except ValueError as err:
     raise WorkflowError(f"invalid config: {err}") from None
 
@@ -43,6 +45,10 @@ if _missing:
         "add them to measure.measures (label: ...)"
     )
 VARIANT_NAMES = [v.name for v in variants_from_config(config["measure"])]
+# Curvature along training (trajectory.epochs), per-layer profiles and spectra: off when empty.
+TRAJECTORY_EPOCHS = sorted(config["trajectory"]["epochs"])
+LAYER_MEASURES = config["layer_profile"]["measures"]
+SPECTRUM = config["spectrum"]
 
 
 # {run} and {pair} match exactly the study's ids, so no rule claims another path. id_regex factors
@@ -52,6 +58,7 @@ VARIANT_NAMES = [v.name for v in variants_from_config(config["measure"])]
 wildcard_constraints:
     run=id_regex(RUN_IDS),
     pair=id_regex(sorted(PAIR_BY_ID)),
+    epoch=r"\d+",
 
 
 def per_job(func):
@@ -209,6 +216,10 @@ def report_inputs():
     if SENSITIVITY_RUNS:
         figures.append("results/figures/sensitivity.png")
         tables.append("sensitivity")
+    for name, on in CURVATURE_OUTPUTS.items():
+        if on:
+            figures.append(f"results/figures/{name}.png")
+            tables.append(name)
     return (
         figures
         + [f"results/tables/{t}.csv" for t in tables]
@@ -262,6 +273,18 @@ if SENSITIVITY.get("function"):
 COST_RULES += (["paper"] if PAPER else []) + (
     ["sensitivity"] if SENSITIVITY_RUNS else []
 )
+# table/figure name → whether the study turns it on (workflow/rules/curvature.smk)
+CURVATURE_OUTPUTS = {
+    "trajectory": bool(TRAJECTORY_EPOCHS),
+    "layer_profile": bool(LAYER_MEASURES),
+    "spectrum": bool(SPECTRUM["enabled"]),
+}
+COST_RULES += (
+    (["snapshot", "measure_epoch"] if TRAJECTORY_EPOCHS else [])
+    + (["layers"] if LAYER_MEASURES else [])
+    + (["spectrum_run"] if SPECTRUM["enabled"] else [])
+    + [name for name, on in CURVATURE_OUTPUTS.items() if on]
+)
 
 
 def paper_inputs(wildcards):
@@ -296,7 +319,9 @@ def benchmark_files(wildcards):
     files = {}
     for name in COST_RULES:
         pattern = getattr(rules, name).benchmark
-        if "{run}" in pattern:
+        if "{epoch}" in pattern:
+            files[name] = expand(pattern, run=RUN_IDS, epoch=TRAJECTORY_EPOCHS)
+        elif "{run}" in pattern:
             files[name] = expand(pattern, run=RUN_IDS)
         elif "{pair}" in pattern:
             files[name] = expand(pattern, pair=sorted(PAIR_BY_ID))

@@ -29,7 +29,7 @@ tables = {  # output name → (Markdown heading, table)
         "Ratio on reparameterised copies to the original",
         an.invariance_table(long, cfg["invariance_tolerance"]),
     ),
-    "summary": ("Mean and std over seeds", an.seed_summary(runs, measures)),
+    "summary": ("Mean and std over seeds", an.seed_summary(runs, measures, long)),
 }
 for name, (_, df) in tables.items():
     df.to_csv(sm.output[name], index=False)

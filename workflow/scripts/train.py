@@ -23,5 +23,9 @@ metrics = train_run(
     on_config_change="restart",
     run_id=snakemake.params.run_id,  # noqa: F821
     axes=dict(snakemake.params.axes),  # noqa: F821
+    # From the config, not params: the list does not change the model, so editing it must not
+    # rerun this job (rule snapshot replays an epoch kept by no earlier run).
+    keep_epochs=snakemake.config["trajectory"]["epochs"],  # noqa: F821
+    keep_dir=Path(snakemake.params.resume_dir) / "epochs",  # noqa: F821
 )
 logging.info("status %s after %s epochs", metrics["status"], metrics["epochs"])

@@ -25,6 +25,7 @@ from flatness.analysis.integrity import (
     check_study,
     read_measures,
     read_metrics,
+    read_per_run,
     run_problems,
 )
 from flatness.analysis.stats import (
@@ -80,6 +81,7 @@ __all__ = [
     "mean_difference",
     "notebook_imports",
     "read_measures",
+    "read_per_run",
     "read_metrics",
     "run_problems",
     "runs_table",

@@ -24,6 +24,8 @@ from flatness.suite import AXES, make_run_id
 #: Outcomes that the last history record must reproduce exactly.
 FINAL_FROM_HISTORY = ("train_loss", "test_loss", "train_acc", "test_acc")
 _MEASURE_NUMERIC = ["factor", "value", "stderr", "seconds"]
+# The error-bar columns (flatness.suite.ERROR_COLUMNS): all-null in JSON when off.
+_ERROR_NUMERIC = ["data_se", "seed_sd", "ci_low", "ci_high", "error_seconds"]
 
 
 class StudyIntegrityError(ValueError):
@@ -31,8 +33,31 @@ class StudyIntegrityError(ValueError):
 
 
 def run_id_of(path: str | Path) -> str:
-    """The run a per-run file belongs to by its place: ``results/runs/<run_id>/<file>``."""
+    """The run a per-run file belongs to by its place: ``results/runs/<run_id>/<file>``, or
+    deeper (``results/runs/<run_id>/epochs/epoch4.json``); the parent folder elsewhere."""
+    parts = Path(path).parts
+    if "runs" in parts[:-2]:
+        return parts[len(parts) - 1 - parts[::-1].index("runs") + 1]
     return Path(path).parent.name
+
+
+def read_per_run(paths: Iterable[str | Path]) -> pd.DataFrame:
+    """The rows of several per-run tables (``.json`` records or ``.csv``), concatenated; each
+    file's rows must all record the run its path names (a file under another run is refused)."""
+    frames = []
+    for path in paths:
+        if str(path).endswith(".csv"):
+            frame = pd.read_csv(path, keep_default_na=False, na_values=[""])
+        else:
+            frame = pd.DataFrame(json.loads(Path(path).read_text()))
+        where = run_id_of(path)
+        wrong = sorted(set(frame.get("run_id", pd.Series([None]))) - {where}, key=str)
+        if frame.empty or wrong:
+            raise StudyIntegrityError(
+                f"{path} sits under run {where!r} but its rows record {wrong or 'no rows'}"
+            )
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
 
 
 def read_metrics(paths: Iterable[str | Path]) -> dict[str, dict[str, Any]]:
@@ -59,18 +84,9 @@ def read_measures(paths: Iterable[str | Path]) -> pd.DataFrame:
 
     ``json``, not ``pd.read_json``, which guesses dtypes (dates) from the values; null → NaN.
     """
-    frames = []
-    for path in paths:
-        frame = pd.DataFrame(json.loads(Path(path).read_text()))
-        where = run_id_of(path)
-        wrong = sorted(set(frame.get("run_id", pd.Series([None]))) - {where}, key=str)
-        if frame.empty or wrong:
-            raise StudyIntegrityError(
-                f"{path} sits under run {where!r} but its rows record {wrong or 'no rows'}"
-            )
-        frames.append(frame)
-    long = pd.concat(frames, ignore_index=True)
-    long[_MEASURE_NUMERIC] = long[_MEASURE_NUMERIC].apply(pd.to_numeric)
+    long = read_per_run(paths)
+    numeric = _MEASURE_NUMERIC + [c for c in _ERROR_NUMERIC if c in long.columns]
+    long[numeric] = long[numeric].apply(pd.to_numeric)
     return long
 
 

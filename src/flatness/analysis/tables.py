@@ -98,11 +98,29 @@ def history_table(
     return pd.concat(frames, ignore_index=True)
 
 
-def seed_summary(runs: pd.DataFrame, measures: Sequence[str]) -> pd.DataFrame:
+def measurement_se(long: pd.DataFrame) -> pd.DataFrame:
+    """run_id × measure → the measurement's own standard error on the original model:
+    √(data_se² + seed_sd²) (the spread over data folds and measure seeds, ``measure.error_bars``);
+    NaN where error bars were off or not computable."""
+    orig = long[long["variant"] == "original"]
+    if "data_se" not in orig.columns:
+        return pd.DataFrame(index=pd.Index([], name="run_id"))
+    se = np.sqrt(orig["data_se"].astype(float) ** 2 + orig["seed_sd"].astype(float) ** 2)
+    return orig.assign(se=se).pivot_table(
+        index="run_id", columns="measure", values="se", aggfunc="first", dropna=False
+    )
+
+
+def seed_summary(
+    runs: pd.DataFrame, measures: Sequence[str], long: pd.DataFrame | None = None
+) -> pd.DataFrame:
     """Mean and std over seeds of the outcomes and measures, per setting of the other axes.
 
     One row per (dataset, model, optimizer, regularizer, batch_size, lr); columns ``<col>_mean``
     and ``<col>_std`` (sample std, NaN for one seed) and ``seeds`` (runs that did not diverge).
+    With the long measure table of a study that has error bars, also ``<measure>_meas_se``: the
+    measurement error of the mean, √(Σ se_i²)/k over its k runs (joined by run id), beside the
+    seed std it should be small against.
     """
     keys = [a for a in AXES if a != "seed"]
     values = ["train_loss", "test_loss", "train_acc", "test_acc", "gap_loss", "gap_acc", "epochs"]
@@ -112,6 +130,13 @@ def seed_summary(runs: pd.DataFrame, measures: Sequence[str]) -> pd.DataFrame:
     mean, std = grouped.mean().add_suffix("_mean"), grouped.std(ddof=1).add_suffix("_std")
     out = pd.concat([mean, std], axis=1)
     out = out[[f"{v}_{s}" for v in values for s in ("mean", "std")]]
+    se = measurement_se(long) if long is not None else pd.DataFrame()
+    with_se = [m for m in measures if m in se.columns and se[m].notna().any()]
+    if with_se:
+        err = ok[["run_id", *keys]].join(se[with_se] ** 2, on="run_id")
+        g = err.groupby(keys, sort=True, dropna=False)[with_se]
+        meas = (np.sqrt(g.sum(min_count=1)) / g.count()).add_suffix("_meas_se")
+        out = out.join(meas)
     out.insert(0, "seeds", grouped.size())
     return out.reset_index()
 

@@ -8,6 +8,9 @@ and returns a Python ``float``. Stochastic measures take ``seed=`` and, with
 initial weights takes ``init_model=`` (:func:`flatness.suite.measure_run` rebuilds and passes it).
 The Hessian-based measures and relative flatness take ``layer=`` (an index into
 :func:`flatness.reparam.weight_layers`); :func:`layer_profile` tabulates them measure × layer.
+:func:`hessian_spectrum` gives the Hessian's spectral density (stochastic Lanczos quadrature;
+:func:`spectrum_table`, :func:`spectrum_nodes` make it tables). Neither returns a float, so
+neither is in ``MEASURES``.
 """
 
 from flatness.measures.curvature import (
@@ -33,6 +36,7 @@ from flatness.measures.relative import (
     rho_sigma,
 )
 from flatness.measures.robustness import feature_robustness
+from flatness.measures.spectrum import hessian_spectrum, spectrum_nodes, spectrum_table, top_node
 
 #: name → function, for the workflow's config validation and the measure rule. Keys are the
 #: function names, which are also the column names of results/tables/runs.csv.
@@ -63,4 +67,13 @@ MEASURES = {
 #: sharpness. Analyses flip their sign so that "sharper" always points the same way.
 HIGHER_IS_FLATTER = frozenset({"pacbayes_sigma", "pacbayes_magnitude_sigma"})
 
-__all__ = sorted(MEASURES) + ["MEASURES", "HIGHER_IS_FLATTER", "LAYER_MEASURES", "layer_profile"]
+__all__ = sorted(MEASURES) + [
+    "MEASURES",
+    "HIGHER_IS_FLATTER",
+    "LAYER_MEASURES",
+    "layer_profile",
+    "hessian_spectrum",
+    "spectrum_table",
+    "spectrum_nodes",
+    "top_node",
+]

@@ -1,0 +1,40 @@
+"""rule spectrum_run: the Hessian spectral density of one trained model (SLQ)."""
+
+import json
+import logging
+import sys
+
+import pandas as pd
+import torch
+
+from flatness.config import DataConfig
+from flatness.data import load_dataset
+from flatness.gpu_slots import claim_gpu
+from flatness.measures import hessian_spectrum, spectrum_table
+from flatness.models import load_model
+from flatness.suite import measurement_data
+
+sm = snakemake  # noqa: F821
+sys.stderr = sys.stdout = open(sm.log[0], "w")
+logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(message)s")
+torch.set_num_threads(sm.threads)
+claim_gpu(sm.params.measure.get("device", "auto"))
+
+run_id, cfg = sm.params.run_id, sm.params.spectrum
+metrics = json.loads(open(sm.input.metrics).read())
+if metrics.get("run_id") != run_id:
+    raise ValueError(f"{sm.input.metrics} records run {metrics.get('run_id')!r}, not {run_id!r}")
+if metrics["status"] == "ok":
+    model = load_model(sm.input.model, map_location="cpu", expect_run_id=run_id)
+    model, data = measurement_data(model, load_dataset(DataConfig(**sm.params.data)).train,
+                                   sm.params.measure)  # fmt: skip
+    density = hessian_spectrum(model, data, num_probes=int(cfg["num_probes"]),
+                               num_steps=int(cfg["num_steps"]),
+                               seed=int(sm.params.measure["seed"]))  # fmt: skip
+    table = spectrum_table(density)
+    table["note"] = ""
+else:
+    table = pd.DataFrame({"eigenvalue": [float("nan")], "density": [float("nan")],
+                          "note": [f"not measured: training status {metrics['status']}"]})  # fmt: skip
+table.insert(0, "run_id", run_id)
+table.to_csv(sm.output[0], index=False)
