@@ -303,3 +303,15 @@ def test_interpolation_table_end_points_and_a_diverged_model(fixture_data64):
         b[0].weight.fill_(float("nan"))
     bad = interpolation_table(a, b, {"train": fixture_data64}, [0.0, 1.0])
     assert all(math.isnan(r["loss"]) and "not finite" in r["note"] for r in bad)
+
+
+def test_metrics_of_run_refuses_another_runs_file(tmp_path):
+    import json as _json
+
+    from flatness.suite import metrics_of_run
+
+    path = tmp_path / "metrics.json"
+    path.write_text(_json.dumps({"run_id": "a", "status": "ok"}))
+    assert metrics_of_run(path, "a")["status"] == "ok"
+    with pytest.raises(ValueError, match="records run 'a', not 'b'"):
+        metrics_of_run(path, "b")

@@ -14,15 +14,18 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import itertools
+import json
 import logging
 import math
 import numbers
+import os
 import re
 import statistics
 import time
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flatness.config import RunConfig
@@ -640,6 +643,15 @@ def training_subset(
     g = torch.Generator().manual_seed(int(seed))
     idx = torch.randperm(X.shape[0], generator=g)[:n].sort().values.to(X.device)
     return X[idx], y[idx]
+
+
+def metrics_of_run(path: str | os.PathLike, run_id: str) -> dict[str, Any]:
+    """One run's metrics.json, for a job of that run: ``ValueError`` when the file records
+    another run (a stage never works on another run's outputs)."""
+    metrics = json.loads(Path(path).read_text())
+    if metrics.get("run_id") != run_id:
+        raise ValueError(f"{path} records run {metrics.get('run_id')!r}, not {run_id!r}")
+    return metrics
 
 
 def measurement_data(

@@ -1,6 +1,5 @@
 """rule measure: every configured measure on one trained model and its reparameterised copies."""
 
-import json
 import logging
 import sys
 
@@ -11,7 +10,7 @@ from flatness.config import DataConfig
 from flatness.data import load_dataset
 from flatness.gpu_slots import claim_gpu
 from flatness.models import load_model
-from flatness.suite import MEASURE_COLUMNS, measure_run
+from flatness.suite import MEASURE_COLUMNS, measure_run, metrics_of_run
 
 sm = snakemake  # noqa: F821
 sys.stderr = sys.stdout = open(sm.log[0], "w")
@@ -20,9 +19,7 @@ torch.set_num_threads(sm.threads)
 claim_gpu(sm.params.measure.get("device", "auto"))  # before measure_run resolves the device
 
 run_id = sm.params.run_id
-metrics = json.loads(open(sm.input.metrics).read())
-if metrics.get("run_id") != run_id:
-    raise ValueError(f"{sm.input.metrics} records run {metrics.get('run_id')!r}, not {run_id!r}")
+metrics = metrics_of_run(sm.input.metrics, run_id)
 splits = load_dataset(DataConfig(**sm.params.data))
 model = load_model(sm.input.model, map_location="cpu", expect_run_id=run_id)
 rows = measure_run(

@@ -1,6 +1,5 @@
 """rule measure_epoch: the trajectory's measures on the weights kept after one epoch."""
 
-import json
 import logging
 import sys
 
@@ -11,7 +10,7 @@ from flatness.config import DataConfig
 from flatness.data import load_dataset
 from flatness.gpu_slots import claim_gpu
 from flatness.models import load_model
-from flatness.suite import measure_run
+from flatness.suite import measure_run, metrics_of_run
 from flatness.trajectory import TRAJECTORY_COLUMNS
 
 sm = snakemake  # noqa: F821
@@ -21,9 +20,7 @@ torch.set_num_threads(sm.threads)
 claim_gpu(sm.params.measure.get("device", "auto"))
 
 run_id, epoch = sm.params.run_id, int(sm.wildcards.epoch)
-metrics = json.loads(open(sm.input.metrics).read())
-if metrics.get("run_id") != run_id:
-    raise ValueError(f"{sm.input.metrics} records run {metrics.get('run_id')!r}, not {run_id!r}")
+metrics = metrics_of_run(sm.input.metrics, run_id)
 blob = torch.load(sm.input.snapshot, map_location="cpu", weights_only=True)
 model = load_model(sm.input.snapshot, map_location="cpu", expect_run_id=run_id,
                    expect_epoch=epoch)  # fmt: skip

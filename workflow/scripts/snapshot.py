@@ -1,19 +1,17 @@
 """rule snapshot: the run's weights after one epoch (kept by the trainer, else replayed)."""
 
-import json
 import logging
 import sys
 
 from flatness.gpu_slots import claim_gpu
+from flatness.suite import metrics_of_run
 from flatness.train import snapshot_at
 
 sm = snakemake  # noqa: F821
 sys.stderr = sys.stdout = open(sm.log[0], "w")
 logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(message)s")
 run_id = sm.params.run_id
-metrics = json.loads(open(sm.input.metrics).read())
-if metrics.get("run_id") != run_id:
-    raise ValueError(f"{sm.input.metrics} records run {metrics.get('run_id')!r}, not {run_id!r}")
+metrics = metrics_of_run(sm.input.metrics, run_id)
 claim_gpu(sm.params.config["device"])
 info = snapshot_at(
     sm.params.config, int(sm.wildcards.epoch), sm.output[0], run_id=run_id,

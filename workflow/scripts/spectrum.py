@@ -1,6 +1,5 @@
 """rule spectrum_run: the Hessian spectral density of one trained model (SLQ)."""
 
-import json
 import logging
 import sys
 
@@ -12,7 +11,7 @@ from flatness.data import load_dataset
 from flatness.gpu_slots import claim_gpu
 from flatness.measures import hessian_spectrum, spectrum_table
 from flatness.models import load_model
-from flatness.suite import measurement_data
+from flatness.suite import measurement_data, metrics_of_run
 
 sm = snakemake  # noqa: F821
 sys.stderr = sys.stdout = open(sm.log[0], "w")
@@ -21,9 +20,7 @@ torch.set_num_threads(sm.threads)
 claim_gpu(sm.params.measure.get("device", "auto"))
 
 run_id, cfg = sm.params.run_id, sm.params.spectrum
-metrics = json.loads(open(sm.input.metrics).read())
-if metrics.get("run_id") != run_id:
-    raise ValueError(f"{sm.input.metrics} records run {metrics.get('run_id')!r}, not {run_id!r}")
+metrics = metrics_of_run(sm.input.metrics, run_id)
 if metrics["status"] == "ok":
     model = load_model(sm.input.model, map_location="cpu", expect_run_id=run_id)
     model, data = measurement_data(model, load_dataset(DataConfig(**sm.params.data)).train,

@@ -194,6 +194,38 @@ def _y_log(ax, values) -> None:
 
 # -- 1. per-layer profile ----------------------------------------------------------------------
 
+def _run_and_mean_lines(ax, sub: pd.DataFrame, joined: _Runs, x: str, order: list | None = None):
+    """One thin line per run of ``sub`` (value against column ``x``) and, per (batch size,
+    regulariser) with two or more runs, a thick line of their mean at each ``x``."""
+    for rid in joined.ids():
+        g = sub[sub["run_id"] == rid].sort_values(x)
+        if g.empty:
+            continue
+        ax.plot(g[x], g["value"], marker="o", ms=3, lw=1, alpha=0.6, **joined.of(rid))
+    for (b, r), members in joined.groups():
+        g = sub[sub["run_id"].isin(members)]
+        n = g["run_id"].nunique()
+        if n < 2:  # one seed (or none): the run's own line is the mean
+            continue
+        mean = g.groupby(x)["value"].mean().sort_index()
+        if order is not None:
+            mean = mean.reindex(order)
+        ax.plot(mean.index, mean.to_numpy(float), ls=joined.style(r), lw=2.8,
+                color=joined.color(b), gid=f"mean:{b}:{r}",
+                label=f"{joined.group_label(b, r)}, mean of {n}")  # fmt: skip
+
+
+def _joined(table: pd.DataFrame, runs: pd.DataFrame, columns, what: str, path):
+    """``(joined runs, None)``, or ``(None, a figure saying there is nothing to plot)``."""
+    if table.empty:
+        return None, _empty(path, what, "")
+    _check_columns(table, columns, what)
+    joined = _Runs(table, runs)
+    if joined.empty:
+        return None, _empty(path, what, joined.note())
+    return joined, None
+
+
 LAYER_COLUMNS = ("run_id", "measure", "layer", "layer_name", "value")
 
 
@@ -204,35 +236,17 @@ def layer_profile_figure(table: pd.DataFrame, runs: pd.DataFrame, path):
     runs (seeds) at each layer. ``table``: the columns of :func:`flatness.measures.layer_profile`
     plus ``run_id``; NaN values (a measure that does not apply to a layer) leave gaps.
     """
-    if table.empty:
-        return _empty(path, "per-layer profile", "")
-    _check_columns(table, LAYER_COLUMNS, "layer profile")
-    joined = _Runs(table, runs)
-    if joined.empty:
-        return _empty(path, "per-layer profile", joined.note())
+    joined, nothing = _joined(table, runs, LAYER_COLUMNS, "per-layer profile", path)
+    if joined is None:
+        return nothing
     t = joined.table.assign(value=pd.to_numeric(joined.table["value"], errors="coerce"))
     measures = list(dict.fromkeys(t["measure"]))
     fig, axes = _panels(len(measures))
     for ax, m in zip(axes, measures, strict=True):
         sub = t[t["measure"] == m]
         layers = sorted(int(x) for x in sub["layer"].unique())
-        for rid in joined.ids():
-            g = sub[sub["run_id"] == rid].sort_values("layer")
-            if g.empty:
-                continue
-            ax.plot(g["layer"].astype(int), g["value"], marker="o", ms=3, lw=1, alpha=0.6,
-                    **joined.of(rid))  # fmt: skip
-        for (b, r), members in joined.groups():
-            g = sub[sub["run_id"].isin(members)]
-            if g.empty:
-                continue
-            mean = g.groupby("layer")["value"].mean().reindex(layers)
-            n = g["run_id"].nunique()
-            if n < 2:  # one seed: the run's own line is the mean
-                continue
-            ax.plot(mean.index, mean.to_numpy(float), ls=joined.style(r), lw=2.8,
-                    color=joined.color(b), gid=f"mean:{b}:{r}",
-                    label=f"{joined.group_label(b, r)}, mean of {n}")  # fmt: skip
+        _run_and_mean_lines(ax, sub.assign(layer=sub["layer"].astype(int)), joined, "layer",
+                            layers)  # fmt: skip
         names = sub.groupby("layer")["layer_name"].agg(
             lambda s: "/".join(dict.fromkeys(str(x) for x in s))
         )
@@ -287,12 +301,9 @@ def spectrum_figure(table: pd.DataFrame, runs: pd.DataFrame, path, pairs=None):
     pair with just its two runs. ``table``: ``run_id, eigenvalue, density``, each run's grid
     (:func:`flatness.measures.spectrum_table`).
     """
-    if table.empty:
-        return _empty(path, "Hessian spectral density", "")
-    _check_columns(table, SPECTRUM_COLUMNS, "spectrum")
-    joined = _Runs(table, runs)
-    if joined.empty:
-        return _empty(path, "Hessian spectral density", joined.note())
+    joined, nothing = _joined(table, runs, SPECTRUM_COLUMNS, "Hessian spectral density", path)
+    if joined is None:
+        return nothing
     t = joined.table
     ok = set(joined.info.index)
     if pairs is not None:
@@ -364,12 +375,9 @@ def trajectory_figure(table: pd.DataFrame, runs: pd.DataFrame, path):
     smallest- and largest-batch runs' ranges over seeds stay apart (per regulariser).
     ``table``: ``run_id, epoch, measure, value`` (and ``note``).
     """
-    if table.empty:
-        return _empty(path, "measures along training", "")
-    _check_columns(table, TRAJECTORY_COLUMNS, "trajectory")
-    joined = _Runs(table, runs)
-    if joined.empty:
-        return _empty(path, "measures along training", joined.note())
+    joined, nothing = _joined(table, runs, TRAJECTORY_COLUMNS, "measures along training", path)
+    if joined is None:
+        return nothing
     t = joined.table.assign(
         value=pd.to_numeric(joined.table["value"], errors="coerce"),
         epoch=pd.to_numeric(joined.table["epoch"]),
@@ -378,23 +386,7 @@ def trajectory_figure(table: pd.DataFrame, runs: pd.DataFrame, path):
     fig, axes = _panels(len(measures))
     for ax, m in zip(axes, measures, strict=True):
         sub = t[t["measure"] == m]
-        for rid in joined.ids():
-            g = sub[sub["run_id"] == rid].sort_values("epoch")
-            if g.empty:
-                continue
-            ax.plot(g["epoch"], g["value"], marker="o", ms=3, lw=1, alpha=0.6,
-                    **joined.of(rid))  # fmt: skip
-        for (b, r), members in joined.groups():
-            g = sub[sub["run_id"].isin(members)]
-            if g.empty:
-                continue
-            mean = g.groupby("epoch")["value"].mean().sort_index()
-            n = g["run_id"].nunique()
-            if n < 2:  # one seed: the run's own line is the mean
-                continue
-            ax.plot(mean.index, mean.to_numpy(float), ls=joined.style(r), lw=2.8,
-                    color=joined.color(b), gid=f"mean:{b}:{r}",
-                    label=f"{joined.group_label(b, r)}, mean of {n}")  # fmt: skip
+        _run_and_mean_lines(ax, sub, joined, "epoch")
         if len(joined.sizes) >= 2:
             for k, r in enumerate(joined.regs):
                 by = dict(joined.groups())
