@@ -115,3 +115,31 @@ def test_editing_the_epoch_list_reruns_only_that_epochs_jobs(tiny_study, tmp_pat
     jobs = dict(re.findall(r"^(\w+)\s+(\d+)$", dry.stdout, flags=re.M))
     assert jobs.get("snapshot") == "4" and jobs.get("measure_epoch") == "4", dry.stdout
     assert not {"train", "measure", "layers", "spectrum_run", "aggregate"} & set(jobs), jobs
+
+
+def test_error_bars_recomputed_from_each_runs_model(tiny_study):  # noqa: F811
+    """The interval of every run's relative flatness: its four fold values, from model.pt and
+    the same folds, give the data_se in measures_long.csv; deterministic, so seed_sd = 0; the
+    seeded λ_max has a finite seed spread."""
+    from flatness.suite import data_folds
+
+    long = tables(tiny_study, "measures_long")
+    orig = long[long.variant == "original"].set_index(["run_id", "measure"])
+    assert long.loc[long.variant != "original", "data_se"].isna().all()
+    mcfg = measure_config(tiny_study)
+    for run_id in orig.index.get_level_values(0).unique():
+        run_dir = tiny_study.workdir / "results" / "runs" / run_id
+        _, train = train_split(run_dir)
+        model, data = measurement_data(
+            load_model(run_dir / "model.pt", expect_run_id=run_id), train, mcfg
+        )
+        fold_values = [MEASURES["relative_flatness"](model, f) for f in data_folds(data, 4, 0)]
+        row = orig.loc[(run_id, "relative_flatness")]
+        assert np.isclose(row.data_se, np.std(fold_values, ddof=1) / 2, rtol=1e-9), run_id
+        assert row.seed_sd == 0 and "deterministic" in row.error_note
+        half = 1.96 * row.data_se
+        assert np.isclose(row.ci_low, row.value - half) and np.isclose(row.ci_high, row.value + half)
+        lam = orig.loc[(run_id, "hessian_max_eigenvalue")]
+        assert np.isfinite(lam.seed_sd) and lam.ci_low <= lam.value <= lam.ci_high
+    summary = tables(tiny_study, "summary")
+    assert "relative_flatness_meas_se" in summary.columns

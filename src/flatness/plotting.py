@@ -90,10 +90,10 @@ def measures_by_batch(runs: pd.DataFrame, long: pd.DataFrame, out: str, dpi: int
     for ax in list(axes.flat)[len(measures) :]:
         ax.set_visible(False)
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper right", frameon=False)
-    note = "; bars: 95% measurement interval (data folds and seeds)" if has_ci else ""
-    fig.suptitle(f"Each measure on the trained models, by batch size and regulariser{note}",
-                 y=1.01)  # fmt: skip
+    note = "\nbars: 95% measurement interval (data folds and measure seeds)" if has_ci else ""
+    fig.suptitle(f"Each measure on the trained models, by batch size and regulariser{note}")
     fig.tight_layout()
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0),
+               ncol=max(len(labels), 1), frameon=False)  # fmt: skip
     fig.savefig(out, dpi=dpi, bbox_inches="tight")
     return fig
