@@ -241,3 +241,25 @@ def test_slurm_profile_groups_1000_runs_into_at_most_100_one_gpu_submissions(tmp
             assert sbatch.endswith(f"--gpus={train_res['gpu_model']}:1"), sbatch
             assert f"--cpus-per-gpu={train_res['cpus_per_gpu']}" in sbatch, sbatch
             assert res["mem_mb"] == train_res["mem_mb"], g  # the largest job's, not a sum
+
+
+#: The workflow scripts of the study-wide jobs (tables, figures, report page): their imports must
+#: not pull torch (≈ 3 s of start-up each; they read tables only).
+TABLE_SCRIPTS = ("aggregate", "analyze", "front_page", "costs", "paper", "curvature_table",
+                 "collect_interpolation")  # fmt: skip
+
+
+def test_the_table_and_figure_jobs_import_no_torch():
+    """Each script's import lines (what the job runs before its first line of work), replayed in
+    a fresh interpreter; plus the figure helpers the notebooks import."""
+    import ast
+    import subprocess
+
+    lines = ["import sys"]
+    for name in TABLE_SCRIPTS:
+        tree = ast.parse((REPO / "workflow" / "scripts" / f"{name}.py").read_text())
+        lines += [ast.unparse(n) for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    lines += ["import flatness.plotting", "assert 'torch' not in sys.modules, 'imports torch'"]
+    r = subprocess.run([sys.executable, "-c", "\n".join(lines)], capture_output=True, text=True,
+                       env=workflow_env(), timeout=120)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]

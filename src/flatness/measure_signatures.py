@@ -133,6 +133,12 @@ DATA_INDEPENDENT: frozenset[str] = frozenset(
 )
 
 
+#: Measures that grow as the minimum gets flatter (a noise scale); every other one grows with
+#: sharpness. Analyses flip their sign so that "sharper" always points the same way. Here, not in
+#: flatness.measures: the analysis jobs read it and importing the measures costs ≈ 3 s of torch.
+HIGHER_IS_FLATTER: frozenset[str] = frozenset({"pacbayes_sigma", "pacbayes_magnitude_sigma"})
+
+
 def parameters(fn: Callable) -> tuple[str, ...]:
     """``fn``'s parameters after ``(model, data)`` as this table writes them."""
     prefix = {inspect.Parameter.VAR_POSITIONAL: "*", inspect.Parameter.VAR_KEYWORD: "**"}

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from flatness.measures import HIGHER_IS_FLATTER
+from flatness.measure_signatures import HIGHER_IS_FLATTER
 from flatness.suite import AXES, ORIGINAL
 
 GAPS = ("gap_loss", "gap_acc")

@@ -63,9 +63,8 @@ MEASURES = {
     )
 }
 
-#: Measures that grow as the minimum gets flatter (a noise scale); every other one grows with
-#: sharpness. Analyses flip their sign so that "sharper" always points the same way.
-HIGHER_IS_FLATTER = frozenset({"pacbayes_sigma", "pacbayes_magnitude_sigma"})
+# Defined beside the signatures (torch-free), so the analysis jobs need not import torch.
+from flatness.measure_signatures import HIGHER_IS_FLATTER  # noqa: E402
 
 __all__ = sorted(MEASURES) + [
     "MEASURES",
