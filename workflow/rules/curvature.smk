@@ -23,7 +23,7 @@ if TRAJECTORY_EPOCHS:
         log:
             "results/logs/snapshot/{run}/epoch{epoch}.log",
         benchmark:
-            "results/benchmarks/snapshot/{run}/epoch{epoch}.tsv"
+            "results/benchmarks/snapshot/{run}.epoch{epoch}.tsv"
         group:
             run_group
         conda:
@@ -50,7 +50,7 @@ if TRAJECTORY_EPOCHS:
         log:
             "results/logs/measure_epoch/{run}/epoch{epoch}.log",
         benchmark:
-            "results/benchmarks/measure_epoch/{run}/epoch{epoch}.tsv"
+            "results/benchmarks/measure_epoch/{run}.epoch{epoch}.tsv"
         group:
             run_group
         conda:
