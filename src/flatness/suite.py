@@ -12,6 +12,7 @@ error bars (:data:`ERROR_COLUMNS`, ``measure.error_bars``). Nothing here reads f
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import itertools
 import json
@@ -475,14 +476,15 @@ def _error_columns(
     )
 
 
-def _data_spread(evaluate: Callable, function: str, data, folds: int, seed: int):
-    """(data_se, note): batch-means standard error over ``folds`` disjoint parts."""
+def _data_spread(evaluate: Callable, function: str, parts: Callable, folds: int, seed: int):
+    """(data_se, note): batch-means standard error over ``folds`` disjoint parts (``parts()``
+    gives them: cut once per model, shared by its measures)."""
     if function in DATA_INDEPENDENT:
         return 0.0, "does not depend on the data"
     if folds == 0:
         return math.nan, "folds off"
     try:
-        values = [evaluate(part, seed) for part in data_folds(data, folds, seed)]
+        values = [evaluate(part, seed) for part in parts()]
     except ValueError as err:
         return math.nan, f"folds={folds} failed: {err}"
     return statistics.stdev(values) / math.sqrt(folds), f"folds={folds}"
@@ -515,6 +517,7 @@ def _error_bars(
     bars: ErrorBars,
     value: float,
     stderr: float,
+    parts: Callable,
 ) -> dict:
     """The error columns of the original model's row; ``value`` and ``stderr`` are its main
     result (full data, original seed), which the extra evaluations leave as they are."""
@@ -528,7 +531,7 @@ def _error_bars(
 
     start = time.perf_counter()
     seed_sd, seed_note = _seed_spread(evaluate, fn, data, bars.seeds, seed, value, stderr)
-    data_se, data_note = _data_spread(evaluate, spec.function, data, bars.folds, seed)
+    data_se, data_note = _data_spread(evaluate, spec.function, parts, bars.folds, seed)
     seconds = time.perf_counter() - start
     return _error_columns(value, data_se, seed_sd, seconds, f"{seed_note}; {data_note}")
 
@@ -582,6 +585,9 @@ def measure_model(
     if registry is None:
         from flatness.measures import MEASURES as registry
     bars = error_bar_settings(error_bars)
+    # The folds of the data, cut on first use and shared by every measure of the original model
+    # (a ValueError, e.g. more folds than samples, is not cached: each measure reports it).
+    parts = functools.cache(lambda: data_folds(data, bars.folds, seed))
     copy_note = "not computed for copies" if bars.on else "off"
     rows = []
     for index, variant in enumerate(variants):
@@ -605,7 +611,9 @@ def measure_model(
                 value, stderr, note = math.nan, math.nan, f"not applicable: {err}"
             seconds = time.perf_counter() - start
             if variant.kind == "original":
-                errors = _error_bars(fn, copy, data, spec, seed, init_model, bars, value, stderr)
+                errors = _error_bars(
+                    fn, copy, data, spec, seed, init_model, bars, value, stderr, parts
+                )
             else:
                 errors = _error_columns(value, note=copy_note)
             log.info(

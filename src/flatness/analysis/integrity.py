@@ -19,13 +19,13 @@ from typing import Any
 
 import pandas as pd
 
-from flatness.suite import AXES, make_run_id
+from flatness.suite import AXES, ERROR_COLUMNS, make_run_id
 
 #: Outcomes that the last history record must reproduce exactly.
 FINAL_FROM_HISTORY = ("train_loss", "test_loss", "train_acc", "test_acc")
 _MEASURE_NUMERIC = ["factor", "value", "stderr", "seconds"]
-# The error-bar columns (flatness.suite.ERROR_COLUMNS): all-null in JSON when off.
-_ERROR_NUMERIC = ["data_se", "seed_sd", "ci_low", "ci_high", "error_seconds"]
+# The numeric error-bar columns: all-null in JSON when error bars are off.
+_ERROR_NUMERIC = [c for c in ERROR_COLUMNS if c != "error_note"]
 
 
 class StudyIntegrityError(ValueError):
