@@ -7,10 +7,12 @@ import pytest
 import torch
 
 from flatness.config import DataConfig
+from flatness import data as data_module
 from flatness.data import (
     DatasetNotFoundError,
     TensorLoader,
     augment_crop_flip,
+    cached_split_path,
     load_dataset,
     stratified_split,
 )
@@ -34,6 +36,55 @@ def test_digits_split_depends_on_split_seed_only():
     assert not torch.equal(a.test[1], b.test[1])
     counts = torch.bincount(a.test[1]).double() / torch.bincount(a.train[1]).double()
     assert torch.allclose(counts, torch.full_like(counts, 0.25), atol=0.02)
+
+
+def same_splits(a, b) -> bool:
+    return all(
+        torch.equal(x, y) and x.dtype == y.dtype
+        for part in ("train", "test")
+        for x, y in zip(getattr(a, part), getattr(b, part), strict=True)
+    ) and (a.input_shape, a.num_classes) == (b.input_shape, b.num_classes)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "over", [{}, {"split_seed": 3, "test_fraction": 0.25}, {"n_train": 100, "n_test": 20}]
+)
+def test_cached_split_is_the_source_split_bitwise(tmp_path, monkeypatch, over, dtype):
+    cfg = DataConfig(name="digits", **over)
+    source = load_dataset(cfg, dtype=dtype)
+    first = load_dataset(cfg, dtype=dtype, cache_dir=tmp_path)  # reads the source, keeps it
+    assert cached_split_path(cfg, tmp_path).exists() and same_splits(first, source)
+
+    def no_source(cfg):
+        raise AssertionError("the cached split was not used")
+
+    monkeypatch.setattr(data_module, "raw_splits", no_source)
+    assert same_splits(load_dataset(cfg, dtype=dtype, cache_dir=tmp_path), source)
+
+
+def test_mnist5k_cached_split_is_the_source_split(tmp_path):
+    cfg = DataConfig(name="mnist5k")
+    first = load_dataset(cfg, cache_dir=tmp_path)
+    again = load_dataset(cfg, cache_dir=tmp_path)
+    assert same_splits(first, again) and same_splits(again, load_dataset(cfg))
+    assert list(tmp_path.iterdir()) == [cached_split_path(cfg, tmp_path)]  # no temporary left
+
+
+def test_a_cache_of_another_split_or_a_damaged_one_is_read_again(tmp_path, caplog):
+    seed0, seed1 = DataConfig(name="digits", split_seed=0), DataConfig(name="digits", split_seed=1)
+    load_dataset(seed0, cache_dir=tmp_path)
+    cached_split_path(seed0, tmp_path).rename(cached_split_path(seed1, tmp_path))  # wrong file
+    assert same_splits(load_dataset(seed1, cache_dir=tmp_path), load_dataset(seed1))
+    assert "holds the split of" in caplog.text
+    cached_split_path(seed0, tmp_path).write_bytes(b"not an npz")
+    assert same_splits(load_dataset(seed0, cache_dir=tmp_path), load_dataset(seed0))
+    assert same_splits(load_dataset(seed0, cache_dir=tmp_path), load_dataset(seed0))  # rewritten
+
+
+def test_torchvision_and_fake_sets_are_not_copied_into_the_cache(tmp_path):
+    load_dataset(DataConfig(name="fake", n_train=8, n_test=8), cache_dir=tmp_path)
+    assert not any(tmp_path.iterdir())
 
 
 def test_stratified_split_is_disjoint():

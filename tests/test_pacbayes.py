@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from flatness.measures import pacbayes_magnitude_sigma, pacbayes_sigma
+from flatness.measures import pacbayes
 from flatness.measures.pacbayes import pacbayes_bound
 from flatness.reparam import (
     dinh_alpha_rescale,
@@ -61,6 +62,15 @@ def test_deterministic_for_a_seed(trained_mlp64, fixture_data64):
     assert 0 < a < 2.0
     others = {pacbayes_sigma(trained_mlp64, fixture_data64, seed=s) for s in (1, 2, 3)}
     assert others != {a}  # the seed really drives the draws
+
+
+@pytest.mark.parametrize("measure", [pacbayes_sigma, pacbayes_magnitude_sigma])
+def test_kept_draws_give_the_redrawn_result_exactly(measure, trained_mlp64, fixture_data64, monkeypatch):
+    """The draws kept across σs are the ones a σ would redraw: σ and its stderr are bitwise
+    those of a run that redraws (a cache of 0 bytes) and of a bigger draw count's first draws."""
+    kept = measure(trained_mlp64, fixture_data64, num_samples=4, seed=5, return_stderr=True)
+    monkeypatch.setattr(pacbayes, "NOISE_CACHE_BYTES", 0)
+    assert measure(trained_mlp64, fixture_data64, num_samples=4, seed=5, return_stderr=True) == kept
 
 
 def test_isotropic_sigma_is_not_invariant(trained_mlp64, fixture_data64):

@@ -64,11 +64,22 @@ def test_outputs_and_reloaded_model_reproduce_test_accuracy(tmp_path):
     prov = on_disk["provenance"]
     assert prov["seed"] == 3 and prov["config"]["data"]["name"] == "digits"
     assert {"torch", "numpy", "python", "device", "git_commit"} <= set(prov)
+    import torchvision  # read from its version file, not imported, by the trainer
+
+    assert prov["torchvision"] == torchvision.__version__ and prov["torch"] == torch.__version__
     model = load_model(tmp_path / "model.pt")
     X, y = load_dataset(DataConfig(name="digits", n_train=256, n_test=128)).test
     loss, acc = evaluate(model, X, y, 1024)
     assert acc == m["test_acc"] and loss == pytest.approx(m["test_loss"], rel=1e-6)
     assert m["test_acc"] > 0.5  # it learned something
+
+
+def test_the_cached_split_trains_the_same_run_bitwise(tmp_path):
+    """The workflow's split cache (data_cache) changes nothing a run computes."""
+    a = train_run(small(), tmp_path / "source")
+    b = train_run(small(), tmp_path / "cached", data_cache=tmp_path / "cache")
+    assert (tmp_path / "cache").is_dir() and any((tmp_path / "cache").iterdir())
+    assert strip_times(a) == strip_times(b) and same_weights(tmp_path / "source", tmp_path / "cached")
 
 
 def test_one_seed_gives_identical_metrics_and_leaves_global_rng_alone(tmp_path):

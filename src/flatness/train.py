@@ -167,6 +167,7 @@ def train_run(
     keep_epochs: Sequence[int] = (),
     keep_dir: str | os.PathLike | None = None,
     stop_at_epoch: int | None = None,
+    data_cache: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Train one run and write ``out_dir/model.pt`` and ``out_dir/metrics.json``; return the
     metrics dict. ``resume_dir`` holds the checkpoint (resumed from when present); ``threads`` sets
@@ -185,7 +186,8 @@ def train_run(
     ``keep_dir/epoch{E}.pt`` (see :func:`kept_path`), with the run id and config inside, for
     measuring curvature along training. ``stop_at_epoch`` ends the loop after that epoch as if
     interrupted there (the lr schedule still spans ``cfg.epochs``): what :func:`snapshot_at`
-    replays.
+    replays. ``data_cache``: the ``cache_dir`` of :func:`flatness.data.load_dataset` (the
+    workflow passes its split cache).
     """
     if on_config_change not in ("raise", "restart"):
         raise ValueError(f"on_config_change={on_config_change!r}; choose 'raise' or 'restart'")
@@ -203,7 +205,7 @@ def train_run(
         keep = _Keeper(keep_epochs, keep_dir, cfg, run_id)
         return _train(
             cfg, Path(out_dir), resume_dir, device, stop, on_config_change, identity, keep,
-            stop_at_epoch,
+            stop_at_epoch, data_cache,
         )  # fmt: skip
 
 
@@ -253,9 +255,10 @@ def _train(
     identity,
     keep: _Keeper,
     stop_at_epoch: int | None,
+    data_cache,
 ) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    splits = load_dataset(cfg.data, device, dtype=getattr(torch, cfg.dtype))
+    splits = load_dataset(cfg.data, device, getattr(torch, cfg.dtype), cache_dir=data_cache)
     (X_tr, y_tr), (X_te, y_te) = splits.train, splits.test
     model_cfg = {
         **dataclasses.asdict(cfg.model),
@@ -391,6 +394,7 @@ def snapshot_at(
     trained_epochs: int | None = None,
     keep_dir: str | os.PathLike | None = None,
     threads: int | None = None,
+    data_cache: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """The run's weights after ``epoch`` epochs, written to ``path``; returns where they came from.
 
@@ -400,7 +404,8 @@ def snapshot_at(
     config. Otherwise training is replayed from scratch to ``epoch`` (same seed, same schedule
     over ``cfg.epochs``): the trainer is deterministic on the CPU (and with ``deterministic:
     true`` on CUDA), so the replay gives the weights the run had (tests check kept == replayed).
-    The file holds ``epoch`` (reached) and ``requested_epoch``.
+    The file holds ``epoch`` (reached) and ``requested_epoch``. ``data_cache`` as in
+    :func:`train_run`.
     """
     import tempfile
 
@@ -419,7 +424,8 @@ def snapshot_at(
         log.warning("%s belongs to another run or config: replaying", kept_path(keep_dir, epoch))
     with tempfile.TemporaryDirectory() as tmp:
         metrics = train_run(cfg, Path(tmp) / "out", None, threads, run_id=run_id, axes=axes,
-                            keep_epochs=[epoch], keep_dir=tmp, stop_at_epoch=epoch)  # fmt: skip
+                            keep_epochs=[epoch], keep_dir=tmp, stop_at_epoch=epoch,
+                            data_cache=data_cache)  # fmt: skip
         if kept_path(tmp, epoch).exists():
             blob = torch.load(kept_path(tmp, epoch), map_location="cpu", weights_only=True)
         else:  # the replay stopped (loss target, plateau, divergence) before the epoch

@@ -7,7 +7,7 @@ import pandas as pd
 import torch
 
 from flatness.config import DataConfig
-from flatness.data import load_dataset
+from flatness.data import WORKFLOW_CACHE, load_dataset
 from flatness.gpu_slots import claim_gpu
 from flatness.models import load_model
 from flatness.suite import interpolation_table
@@ -19,7 +19,7 @@ torch.set_num_threads(sm.threads)
 claim_gpu(sm.params.device)  # own GPU on a multi-GPU workstation, before CUDA starts
 cfg, device = sm.params.interpolation, resolve_device(sm.params.device)
 
-splits = load_dataset(DataConfig(**sm.params.data), device=device)
+splits = load_dataset(DataConfig(**sm.params.data), device, cache_dir=WORKFLOW_CACHE)
 small = load_model(sm.input.small, map_location=device, expect_run_id=sm.params.small)
 large = load_model(sm.input.large, map_location=device, expect_run_id=sm.params.large)
 alphas = np.linspace(cfg["alpha_min"], cfg["alpha_max"], cfg["num"])

@@ -7,7 +7,7 @@ import pandas as pd
 import torch
 
 from flatness.config import DataConfig
-from flatness.data import load_dataset
+from flatness.data import WORKFLOW_CACHE, load_dataset
 from flatness.gpu_slots import claim_gpu
 from flatness.measures import layer_profile
 from flatness.models import load_model
@@ -23,8 +23,8 @@ run_id = sm.params.run_id
 metrics = metrics_of_run(sm.input.metrics, run_id)
 if metrics["status"] == "ok":
     model = load_model(sm.input.model, map_location="cpu", expect_run_id=run_id)
-    model, data = measurement_data(model, load_dataset(DataConfig(**sm.params.data)).train,
-                                   sm.params.measure)  # fmt: skip
+    train = load_dataset(DataConfig(**sm.params.data), cache_dir=WORKFLOW_CACHE).train
+    model, data = measurement_data(model, train, sm.params.measure)
     table = layer_profile(model, data, sm.params.measures, seed=int(sm.params.measure["seed"]))
 else:  # a diverged run has no profile; one row per measure says so
     table = pd.DataFrame({"measure": sm.params.measures, "layer": None, "value": float("nan"),

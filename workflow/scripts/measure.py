@@ -7,7 +7,7 @@ import pandas as pd
 import torch
 
 from flatness.config import DataConfig
-from flatness.data import load_dataset
+from flatness.data import WORKFLOW_CACHE, load_dataset
 from flatness.gpu_slots import claim_gpu
 from flatness.models import load_model
 from flatness.suite import MEASURE_COLUMNS, measure_run, metrics_of_run
@@ -20,7 +20,7 @@ claim_gpu(sm.params.measure.get("device", "auto"))  # before measure_run resolve
 
 run_id = sm.params.run_id
 metrics = metrics_of_run(sm.input.metrics, run_id)
-splits = load_dataset(DataConfig(**sm.params.data))
+splits = load_dataset(DataConfig(**sm.params.data), cache_dir=WORKFLOW_CACHE)
 model = load_model(sm.input.model, map_location="cpu", expect_run_id=run_id)
 rows = measure_run(
     model, splits.train, sm.params.measure, run_id, metrics["status"], metrics["provenance"]

@@ -7,7 +7,7 @@ import pandas as pd
 import torch
 
 from flatness.config import DataConfig
-from flatness.data import load_dataset
+from flatness.data import WORKFLOW_CACHE, load_dataset
 from flatness.gpu_slots import claim_gpu
 from flatness.models import load_model
 from flatness.suite import measure_run, metrics_of_run
@@ -27,9 +27,10 @@ model = load_model(sm.input.snapshot, map_location="cpu", expect_run_id=run_id,
 reached = int(blob["epoch"])
 # The weights of a diverged run are NaN from its divergence on; earlier epochs are measured.
 diverged = metrics["status"] != "ok" and reached >= metrics["epochs"]
+train = load_dataset(DataConfig(**sm.params.data), cache_dir=WORKFLOW_CACHE).train
 rows = measure_run(
-    model, load_dataset(DataConfig(**sm.params.data)).train, sm.params.measure, run_id,
-    "diverged" if diverged else "ok", metrics["provenance"],
+    model, train, sm.params.measure, run_id, "diverged" if diverged else "ok",
+    metrics["provenance"],
 )  # fmt: skip
 source = "final model" if reached < epoch else "at epoch"
 for row in rows:

@@ -8,7 +8,7 @@ import torch
 
 from flatness.analysis.paper_figures import sensitivity_figure
 from flatness.config import DataConfig
-from flatness.data import load_dataset
+from flatness.data import WORKFLOW_CACHE, load_dataset
 from flatness.models import load_model
 from flatness.sensitivity import measure_sensitivity
 
@@ -16,7 +16,7 @@ sm = snakemake  # noqa: F821
 sys.stderr = sys.stdout = open(sm.log[0], "w")
 torch.set_num_threads(sm.threads)
 cfg, measure = sm.params.sensitivity, sm.params.measure
-train = load_dataset(DataConfig(**sm.params.data)).train
+train = load_dataset(DataConfig(**sm.params.data), cache_dir=WORKFLOW_CACHE).train
 dtype = getattr(torch, measure.get("dtype", "float64"))
 tables = []
 for i, run_id in enumerate(sm.params.runs):

@@ -3,6 +3,7 @@
 import logging
 import sys
 
+from flatness.data import WORKFLOW_CACHE
 from flatness.gpu_slots import claim_gpu
 from flatness.suite import metrics_of_run
 from flatness.train import snapshot_at
@@ -16,6 +17,6 @@ claim_gpu(sm.params.config["device"])
 info = snapshot_at(
     sm.params.config, int(sm.wildcards.epoch), sm.output[0], run_id=run_id,
     axes=dict(sm.params.axes), final_model=sm.input.model, trained_epochs=metrics["epochs"],
-    keep_dir=sm.params.keep_dir, threads=sm.threads,
+    keep_dir=sm.params.keep_dir, threads=sm.threads, data_cache=WORKFLOW_CACHE,
 )  # fmt: skip
 logging.info("epoch %s of %s: %s", sm.wildcards.epoch, run_id, info)

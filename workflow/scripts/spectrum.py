@@ -7,7 +7,7 @@ import pandas as pd
 import torch
 
 from flatness.config import DataConfig
-from flatness.data import load_dataset
+from flatness.data import WORKFLOW_CACHE, load_dataset
 from flatness.gpu_slots import claim_gpu
 from flatness.measures import hessian_spectrum, spectrum_table
 from flatness.models import load_model
@@ -23,8 +23,8 @@ run_id, cfg = sm.params.run_id, sm.params.spectrum
 metrics = metrics_of_run(sm.input.metrics, run_id)
 if metrics["status"] == "ok":
     model = load_model(sm.input.model, map_location="cpu", expect_run_id=run_id)
-    model, data = measurement_data(model, load_dataset(DataConfig(**sm.params.data)).train,
-                                   sm.params.measure)  # fmt: skip
+    train = load_dataset(DataConfig(**sm.params.data), cache_dir=WORKFLOW_CACHE).train
+    model, data = measurement_data(model, train, sm.params.measure)
     density = hessian_spectrum(model, data, num_probes=int(cfg["num_probes"]),
                                num_steps=int(cfg["num_steps"]),
                                seed=int(sm.params.measure["seed"]))  # fmt: skip

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 from flatness.config import RunConfig
+from flatness.data import WORKFLOW_CACHE
 from flatness.gpu_slots import claim_gpu
 from flatness.train import train_run
 
@@ -27,5 +28,6 @@ metrics = train_run(
     # rerun this job (rule snapshot replays an epoch kept by no earlier run).
     keep_epochs=snakemake.config["trajectory"]["epochs"],  # noqa: F821
     keep_dir=Path(snakemake.params.resume_dir) / "epochs",  # noqa: F821
+    data_cache=WORKFLOW_CACHE,
 )
 logging.info("status %s after %s epochs", metrics["status"], metrics["epochs"])
