@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from flatness.config import DataConfig
 from flatness import data as data_module
+from flatness.config import DataConfig
 from flatness.data import (
     DatasetNotFoundError,
     TensorLoader,
