@@ -77,8 +77,7 @@ def dataset_sizes(cfg: DataConfig) -> tuple[int, int, tuple[int, ...], int]:
     """``(n_train, n_test, input_shape, num_classes)`` that :func:`load_dataset` would give for
     ``cfg``, from :data:`DATASET_SIZES`, without reading or downloading anything.
 
-    >>> from flatness.checkpoint import atomic_write
-from flatness.config import DataConfig
+    >>> from flatness.config import DataConfig
     >>> dataset_sizes(DataConfig(name="mnist5k", test_fraction=0.2))
     (4000, 1000, (1, 28, 28), 10)
     >>> dataset_sizes(DataConfig(name="cifar10", n_train=1000))
